@@ -1,0 +1,255 @@
+"""A folder of class-labelled meshes, surface-sampled once into a ModelNet-style ``.dat`` cache.
+
+Layouts (one sub-folder per class; classes are the sorted folder names):
+
+* ``root/<class>/{train,test}/*.{obj,off,ply,stl}``: the split is given;
+* ``root/<class>/*.{obj,off,ply,stl}``: a seeded split, ``test_fraction`` of each class to test.
+
+Each mesh is sampled with ``raw_points`` area-weighted surface points (trimesh, seeded per file), with the
+face normals, then reduced to ``n_points`` by batched FPS, exactly like the ModelNet raw files. The result
+is written as ``meshfolder_{subset}_{n_points}pts_fps.dat`` (the ModelNet ``.dat`` pickle layout) plus a
+``.json`` side file with the class and shape names and the settings; a side file that no longer matches
+the folder or the settings triggers a rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from typing import Literal
+
+import numpy as np
+import torch
+
+from datasets.build import DATASETS
+from datasets.io import (
+    DatasetLayout,
+    InMemoryClouds,
+    chunks,
+    fps_subsample,
+    item_rng,
+    load_cloud_cache,
+    register_layout,
+    require_root,
+    write_cloud_cache,
+)
+from utils.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+MESH_EXTENSIONS = (".obj", ".off", ".ply", ".stl")
+
+LAYOUT = register_layout(
+    DatasetLayout(
+        key="mesh-folder",
+        title="MeshFolder",
+        root_hint="data/MeshFolder",
+        tree=(
+            "MeshFolder/                     (ROOT; any name)\n"
+            "├── chair/                      one folder per class (sorted names = class indices)\n"
+            "│   ├── train/a.obj ...         either train/ and test/ sub-folders ...\n"
+            "│   └── test/b.off ...\n"
+            "└── table/\n"
+            "    ├── c.ply                   ... or the meshes directly (seeded split by test_fraction)\n"
+            "    └── d.stl"
+        ),
+        required=(("*/",),),
+        source="your own meshes (.obj/.off/.ply/.stl); nothing to download",
+    )
+)
+
+
+def scan_mesh_folder(
+    root: str, test_fraction: float, seed: int
+) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """Classes and ``{subset: [(relative mesh path, label)]}`` of a mesh folder.
+
+    Args:
+        root: the folder.
+        test_fraction: share of each flat class folder put in the test subset (rounded).
+        seed: seed of the flat-folder split (keyed per class).
+    """
+    require_root(root, LAYOUT, "ROOT")
+    if not 0.0 <= test_fraction < 1.0:
+        raise ConfigError(f"MeshFolder: test_fraction must be in [0, 1), got {test_fraction}")
+    classes = sorted(
+        d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
+    )
+    if not classes:
+        raise DataError(f"MeshFolder: '{root}' has no class sub-folders.\n{LAYOUT.describe()}")
+
+    def meshes(folder: str) -> list[str]:
+        return sorted(f for f in os.listdir(folder) if f.lower().endswith(MESH_EXTENSIONS))
+
+    subsets: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+    for label, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        if any(os.path.isdir(os.path.join(folder, s)) for s in subsets):
+            for subset in subsets:
+                sub = os.path.join(folder, subset)
+                found = meshes(sub) if os.path.isdir(sub) else []
+                subsets[subset].extend((f"{name}/{subset}/{f}", label) for f in found)
+            continue
+        files = meshes(folder)
+        if not files:
+            raise DataError(
+                f"MeshFolder: class folder '{folder}' holds no {'/'.join(MESH_EXTENSIONS)} meshes"
+            )
+        n_test = int(round(test_fraction * len(files)))
+        test = set(item_rng(seed, label).permutation(len(files))[:n_test].tolist())
+        for i, f in enumerate(files):
+            subsets["test" if i in test else "train"].append((f"{name}/{f}", label))
+    return classes, subsets
+
+
+def sample_mesh(path: str, count: int, seed: int, key: str) -> np.ndarray:
+    """``count`` area-weighted surface points of a mesh with their face normals: float32 (count, 6).
+
+    The draw is seeded by ``(seed, crc32(key))`` (``key``: the path relative to the root, so the draw
+    does not depend on where the folder lives); scenes are merged into one mesh.
+    """
+    import trimesh
+
+    try:
+        mesh = trimesh.load(path, force="mesh")
+    except Exception as exc:  # trimesh raises many types for unreadable files
+        raise DataError(
+            f"'{path}' is truncated or corrupt: trimesh cannot read it as a mesh ({exc})"
+        ) from exc
+    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0 or not mesh.area > 0:
+        raise DataError(f"'{path}': mesh has no faces of positive area; cannot sample its surface")
+    rng = item_rng(seed, zlib.crc32(key.encode()))
+    points, faces = trimesh.sample.sample_surface(mesh, count, seed=rng)
+    cloud = np.concatenate([points, mesh.face_normals[faces]], axis=1).astype(np.float32)
+    if not np.isfinite(cloud).all():
+        raise DataError(f"'{path}': mesh vertices hold NaN or inf values")
+    return cloud
+
+
+def mesh_cache_paths(cache_dir: str, subset: str, n_points: int) -> tuple[str, str]:
+    """The ``.dat`` cache and its ``.json`` side file."""
+    dat = os.path.join(cache_dir, f"meshfolder_{subset}_{n_points}pts_fps.dat")
+    return dat, dat + ".json"
+
+
+def build_mesh_cache(
+    root: str,
+    subset: str = "train",
+    n_points: int = 2048,
+    raw_points: int = 10000,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    batch_size: int = 32,
+    device: str | None = None,
+) -> str:
+    """Sample every mesh of ``subset`` and write the ``.dat`` cache and its ``.json`` side file.
+
+    Args:
+        root: the mesh folder.
+        subset: ``train`` or ``test``.
+        n_points: points kept per shape (FPS of the surface samples).
+        raw_points: surface samples per mesh before FPS (>= n_points).
+        test_fraction, seed: the split of flat class folders, and the surface-sampling seed.
+        cache_dir: where to write; default ``root``.
+        batch_size: meshes per FPS call.
+        device: torch device for FPS; default CUDA when available.
+
+    Returns:
+        The ``.dat`` path.
+    """
+    if raw_points < n_points:
+        raise ConfigError(f"MeshFolder: raw_points={raw_points} must be >= n_points={n_points}")
+    classes, subsets = scan_mesh_folder(root, test_fraction, seed)
+    entries = subsets[subset]
+    if not entries:
+        raise DataError(f"MeshFolder: subset '{subset}' of '{root}' is empty (test_fraction={test_fraction})")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    clouds: list[np.ndarray] = []
+    for chunk in chunks(entries, batch_size):
+        raw = [sample_mesh(os.path.join(root, rel), raw_points, seed, rel) for rel, _ in chunk]
+        clouds.extend(fps_subsample(raw, n_points, batch_size=batch_size, device=device))
+        log.info("mesh cache %s: %d / %d meshes", subset, len(clouds), len(entries))
+    dat, meta = mesh_cache_paths(cache_dir or root, subset, n_points)
+    write_cloud_cache(dat, clouds, [label for _, label in entries])
+    with open(meta, "w", encoding="utf-8") as f:
+        json.dump(_meta(classes, entries, n_points, raw_points, test_fraction, seed), f, indent=1)
+    return dat
+
+
+def _meta(
+    classes: list[str],
+    entries: list[tuple[str, int]],
+    n_points: int,
+    raw_points: int,
+    test_fraction: float,
+    seed: int,
+) -> dict:
+    """The side-file content that identifies a cache."""
+    return {
+        "classes": classes,
+        "names": [rel for rel, _ in entries],
+        "n_points": n_points,
+        "raw_points": raw_points,
+        "test_fraction": test_fraction,
+        "seed": seed,
+    }
+
+
+@DATASETS.register("MeshFolder")
+class MeshFolder(InMemoryClouds):
+    """Class-labelled meshes, loaded like ModelNet40 from their sampled cache (built or rebuilt as needed).
+
+    Items: ``pc_norm`` on xyz, normals dropped unless ``use_normals``, point order shuffled (seeded) for
+    train; ``name`` is the mesh path relative to ``root``.
+
+    Args:
+        root: the mesh folder (``ROOT``).
+        subset: ``train`` or ``test``.
+        n_points: points per cached shape (``N_POINTS``).
+        raw_points: surface samples per mesh before FPS.
+        test_fraction: share of each flat class folder in the test subset.
+        use_normals: also return the face normals (``USE_NORMALS``).
+        npoints: points per item (a prefix of the FPS order); None for all ``n_points``.
+        seed: seed of the split, of the surface sampling and of the train shuffle.
+        cache_dir: where the cache lives; default ``root``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        subset: Literal["train", "test"] = "train",
+        n_points: int = 2048,
+        raw_points: int = 10000,
+        test_fraction: float = 0.2,
+        use_normals: bool = False,
+        npoints: int | None = None,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ):
+        classes, subsets = scan_mesh_folder(root, test_fraction, seed)
+        entries = subsets[subset]
+        dat, meta_path = mesh_cache_paths(cache_dir or root, subset, n_points)
+        expected = _meta(classes, entries, n_points, raw_points, test_fraction, seed)
+        current = None
+        if os.path.isfile(dat) and os.path.isfile(meta_path):
+            with open(meta_path, encoding="utf-8") as f:
+                current = json.load(f)
+        if current != expected:
+            log.warning("%s missing or stale: sampling %d meshes", dat, len(entries))
+            build_mesh_cache(root, subset, n_points, raw_points, test_fraction, seed, cache_dir)
+        clouds, labels = load_cloud_cache(dat, len(classes), npoints or n_points, 6 if use_normals else 3)
+        super().__init__(
+            clouds,
+            labels,
+            expected["names"],
+            npoints,
+            normalize=True,
+            use_normals=use_normals,
+            shuffle=subset == "train",
+            seed=seed,
+        )
+        self.classes = classes
+        self.num_classes = len(classes)
