@@ -71,7 +71,7 @@ def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str) -> None:
     """Raise ConfigError if ``kwargs`` has a key ``fn`` does not take or a value of the wrong type."""
     sig = inspect.signature(fn)
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
     except Exception:  # unresolvable forward references: fall back to raw annotations
         hints = {}
     params = sig.parameters

@@ -1,0 +1,43 @@
+"""Pre-train a point-cloud masked autoencoder (Point-MAE, Point-MAE + GeoMask3D).
+
+    python main_pretrain.py --config cfgs/pretrain/quickstart.yaml [--exp_name NAME] [--resume] [key=value ...]
+    torchrun --nproc_per_node 2 main_pretrain.py --config ...        # DDP (gloo on CPU, NCCL on GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tools.runs import run_pretrain  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="experiment YAML (extends cfgs/_base_/default.yaml)")
+    p.add_argument("--exp_name", default="default", help="run folder name under experiments/<config stem>/")
+    p.add_argument("--run_dir", default=None, help="explicit run folder (overrides --exp_name)")
+    p.add_argument("--resume", action="store_true", help="continue from <run>/ckpt-last.pth")
+    p.add_argument("opts", nargs="*", help="config overrides, e.g. max_epoch=10 optimizer.kwargs.lr=5e-4")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run_pretrain(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, resume=args.resume)
+    except Exception as e:  # a clear one-line message for the user errors we raise on purpose
+        from tools.runs import USER_ERRORS
+        if isinstance(e, USER_ERRORS):
+            logging.getLogger("main_pretrain").error("%s: %s", type(e).__name__, e)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""Building blocks shared by every Point-MAE style backbone.
+
+Attribute names follow the official Point-MAE modules so that ``state_dict`` keys match the released
+checkpoints (``first_conv.{0,1,3}``, ``blocks.blocks.{i}.attn.qkv``, ``pos_embed.{0,2}``, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PatchEmbed", "PosEmbed", "Block", "TransformerEncoder", "TransformerDecoder", "DropPath"]
+
+
+def _pointwise(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """Apply a kernel-size-1 Conv1d to channels-last ``x`` (..., C_in) as a matmul."""
+    return F.linear(x, conv.weight.squeeze(-1), conv.bias)
+
+
+def _bn_channels_last(x: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
+    """BatchNorm1d over the last dim of ``x`` (..., C): same statistics as BN on (N, C, L)."""
+    shape = x.shape
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or not bn.track_running_stats
+    y = F.batch_norm(x.reshape(-1, shape[-1]), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                     use_batch_stats, momentum, bn.eps)
+    return y.reshape(shape)
+
+
+class PatchEmbed(nn.Module):
+    """Mini-PointNet that turns each point patch into one token (official ``Encoder``).
+
+    conv(3->128) BN ReLU conv(128->256), max-pool, concat [global, local] (512), conv(512->512) BN ReLU
+    conv(512->C), max-pool. Implemented channels-last with matmuls (no transposes); parameters and
+    buffers are ordinary Conv1d / BatchNorm1d modules, so keys and numerics match the official model.
+
+    Args:
+        encoder_channel: output token width C.
+    """
+
+    def __init__(self, encoder_channel: int = 384):
+        super().__init__()
+        self.encoder_channel = encoder_channel
+        self.first_conv = nn.Sequential(
+            nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1))
+        self.second_conv = nn.Sequential(
+            nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
+            nn.Conv1d(512, encoder_channel, 1))
+
+    def forward(self, point_groups: torch.Tensor) -> torch.Tensor:
+        """(B, G, K, 3) centre-relative patches -> (B, G, C) tokens."""
+        c1, bn1, _, c2 = self.first_conv
+        c3, bn2, _, c4 = self.second_conv
+        x = F.relu(_bn_channels_last(_pointwise(point_groups, c1), bn1))
+        x = _pointwise(x, c2)                                    # (B, G, K, 256)
+        glob = x.amax(dim=-2, keepdim=True).expand_as(x)
+        x = torch.cat([glob, x], dim=-1)                         # (B, G, K, 512)
+        x = F.relu(_bn_channels_last(_pointwise(x, c3), bn2))
+        x = _pointwise(x, c4)                                    # (B, G, K, C)
+        return x.amax(dim=-2)
+
+
+class PosEmbed(nn.Sequential):
+    """Linear(3->hidden) GELU Linear(hidden->dim); official keys ``.0`` and ``.2``."""
+
+    def __init__(self, dim: int, hidden: int = 128):
+        super().__init__(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, qkv without bias (official), fused SDPA kernel."""
+
+    def __init__(self, dim: int, num_heads: int = 6, qkv_bias: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; submodule names match timm / Point-MAE."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.attn = Attention(dim, num_heads)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _drop_rates(drop_path_rate: float, depth: int) -> list[float]:
+    return [float(r) for r in torch.linspace(0, drop_path_rate, depth)] if depth else []
+
+
+class TransformerEncoder(nn.Module):
+    """Stack of blocks with the positional embedding re-added before every block (official)."""
+
+    def __init__(self, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
+                 drop_path_rate: float = 0.0):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, drop_path=r) for r in _drop_rates(drop_path_rate, depth))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, return_layers: tuple[int, ...] = ()):
+        """(B, N, C) tokens + (B, N, C) positions -> (B, N, C), or a list of the requested layers."""
+        outs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x + pos)
+            if i in return_layers:
+                outs.append(x)
+        return outs if return_layers else x
+
+
+class TransformerDecoder(nn.Module):
+    """Official ``TransformerDecoder``: ``blocks`` is the ModuleList itself, then ``norm``."""
+
+    def __init__(self, embed_dim: int = 384, depth: int = 4, num_heads: int = 6,
+                 drop_path_rate: float = 0.1):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, drop_path=r) for r in _drop_rates(drop_path_rate, depth))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Identity()
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, return_token_num: int = 0) -> torch.Tensor:
+        """Run all blocks; return the last ``return_token_num`` tokens normalised (all if 0)."""
+        for block in self.blocks:
+            x = block(x + pos)
+        if return_token_num:
+            x = x[:, -return_token_num:]
+        return self.head(self.norm(x))

@@ -1,0 +1,24 @@
+"""Small shared test utilities."""
+
+from __future__ import annotations
+
+TINY_TC = {"mask_ratio": 0.6, "mask_type": "rand", "trans_dim": 48, "encoder_dims": 48, "depth": 2,
+           "drop_path_rate": 0.1, "num_heads": 3, "decoder_depth": 1, "decoder_num_heads": 3}
+
+
+def official_point_mae_keys(depth: int = 12, decoder_depth: int = 4) -> set[str]:
+    """The official ``Point_MAE`` pre-training state_dict keys (REFERENCE.md section 3.2), by hand."""
+    keys = {"mask_token", "MAE_encoder.norm.weight", "MAE_encoder.norm.bias",
+            "MAE_decoder.norm.weight", "MAE_decoder.norm.bias", "increase_dim.0.weight", "increase_dim.0.bias"}
+    for conv in ("first_conv", "second_conv"):
+        for i in (0, 3):
+            keys |= {f"MAE_encoder.encoder.{conv}.{i}.weight", f"MAE_encoder.encoder.{conv}.{i}.bias"}
+        keys |= {f"MAE_encoder.encoder.{conv}.1.{n}"
+                 for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    for pe in ("MAE_encoder.pos_embed", "decoder_pos_embed"):
+        keys |= {f"{pe}.{i}.{n}" for i in (0, 2) for n in ("weight", "bias")}
+    block = ["norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+             "mlp.fc2.weight", "mlp.fc2.bias", "attn.qkv.weight", "attn.proj.weight", "attn.proj.bias"]
+    keys |= {f"MAE_encoder.blocks.blocks.{i}.{b}" for i in range(depth) for b in block}
+    keys |= {f"MAE_decoder.blocks.{i}.{b}" for i in range(decoder_depth) for b in block}
+    return keys

@@ -1,0 +1,52 @@
+"""Build the pieces of a run from a resolved config (one place, shared by every entry point)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from datasets import build_dataset
+from models import build_model
+from tools import checkpoint as ckpt_io
+from utils.errors import ConfigError
+
+
+def section(cfg: Mapping[str, Any], dotted: str) -> Mapping[str, Any]:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    if not node:
+        raise ConfigError(f"config section '{dotted}' is empty or missing")
+    return node
+
+
+def build_split(cfg: Mapping[str, Any], split: str, **overrides: Any):
+    return build_dataset(section(cfg, f"dataset.{split}"), data_root=cfg.get("data_root"),
+                         where=f"dataset.{split}", **overrides)
+
+
+def build_svm_sets(cfg: Mapping[str, Any]):
+    return build_split(cfg, "svm_train"), build_split(cfg, "svm_test")
+
+
+def build_transform(cfg: Mapping[str, Any]):
+    from datasets.transforms import build_transforms
+
+    spec = cfg.get("augment") or []
+    return build_transforms(list(spec)) if spec else None
+
+
+def build_model_from_cfg(cfg: Mapping[str, Any], **extra: Any) -> torch.nn.Module:
+    model_cfg = dict(section(cfg, "model"))
+    return build_model(model_cfg, where="model", **extra)
+
+
+def load_pretrained_for_eval(cfg: Mapping[str, Any], ckpt: str | None, device: torch.device) -> torch.nn.Module:
+    """The config's pre-training model, with a checkpoint's weights when given (exact key check)."""
+    model = build_model_from_cfg(cfg)
+    if ckpt:
+        state = ckpt_io.load_file(ckpt)
+        ckpt_io.load_state_dict_checked(model, ckpt_io.extract_state_dict(state, ckpt), what=ckpt)
+    return model.to(device).eval()

@@ -1,0 +1,71 @@
+"""Optimizer parameter groups and the per-iteration learning-rate schedule (plain functions)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from utils.errors import ConfigError
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Official rule: no decay for 1-D params, biases and anything named ``*token*``.
+
+    Frozen parameters (``requires_grad=False``, e.g. a knowledge teacher) are left out.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or "token" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """``optimizer: {type: AdamW|Adam|SGD, kwargs: {lr, weight_decay, betas, momentum}}``."""
+    kind = cfg["type"]
+    kw = dict(cfg.get("kwargs", {}))
+    lr, wd = float(kw.pop("lr")), float(kw.pop("weight_decay", 0.0))
+    groups = param_groups(model, wd)
+    if kind == "AdamW":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(kw.get("betas", (0.9, 0.999))))
+    if kind == "Adam":
+        return torch.optim.Adam(groups, lr=lr, betas=tuple(kw.get("betas", (0.9, 0.999))))
+    if kind == "SGD":
+        return torch.optim.SGD(groups, lr=lr, momentum=float(kw.get("momentum", 0.9)), nesterov=True)
+    raise ConfigError(f"optimizer.type: unknown optimizer '{kind}'; expected AdamW, Adam or SGD")
+
+
+def lr_at(epoch_float: float, base_lr: float, sched: Mapping[str, Any]) -> float:
+    """Learning rate at a fractional epoch: linear warm-up, then half-cosine to ``min_lr``.
+
+    ``scheduler: {type: CosLR, kwargs: {epochs, initial_epochs, min_lr, warmup_lr_init}}`` keeps the
+    official keys but is evaluated every iteration (no one-epoch lag, no extra epoch), like MAE's
+    ``lr_sched``; ``type: constant`` keeps ``base_lr``.
+    """
+    kind = sched.get("type", "CosLR")
+    if kind == "constant":
+        return base_lr
+    if kind != "CosLR":
+        raise ConfigError(f"scheduler.type: unknown scheduler '{kind}'; expected CosLR or constant")
+    kw = sched.get("kwargs", {})
+    total = float(kw.get("epochs", 300))
+    warm = float(kw.get("initial_epochs", 10))
+    min_lr = float(kw.get("min_lr", 1e-6))
+    warm_init = float(kw.get("warmup_lr_init", 1e-6))
+    if epoch_float < warm:
+        return warm_init + (base_lr - warm_init) * epoch_float / warm
+    progress = min(1.0, (epoch_float - warm) / max(total - warm, 1e-8))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)

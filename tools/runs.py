@@ -1,0 +1,89 @@
+"""Run set-up shared by the entry scripts: config, devices, DDP, run folder, logging, summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tools.checkpoint import CheckpointError
+from tools.engine import NonFiniteLossError, Trainer
+from utils import dist
+from utils.config import load_config, save_config
+from utils.errors import ConfigError, DataError
+from utils.logging import setup_logging
+from utils.misc import git_sha, resolve_device
+
+log = logging.getLogger(__name__)
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, FileNotFoundError)
+
+
+def prepare_run(config: str, opts: list[str], *, exp_name: str = "default", run_dir: str | None = None,
+                resume: bool = False, kind: str = "pretrain"):
+    """Load the config, initialise devices / DDP / logging, create and record the run folder."""
+    cfg = load_config(config, opts)
+    device = resolve_device(cfg.device)
+    rank, world = dist.init_distributed(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    out = Path(run_dir) if run_dir else Path("experiments") / Path(config).stem / exp_name
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / "ckpt-last.pth").exists() and not resume:
+            raise ConfigError(f"{out} already holds a run (ckpt-last.pth); pass --resume to continue it or "
+                              f"choose another --exp_name / --run_dir")
+    dist.barrier()
+    setup_logging(out / f"{kind}.log", rank)
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
+    log.info("git %s | config %s | run %s | device %s | world %d | threads %d | precision %s",
+             git_sha(), config, out, device, world, torch.get_num_threads(), cfg.precision)
+    log.info("overrides: %s", " ".join(opts) or "(none)")
+    return cfg, device, out
+
+
+def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run_dir: str | None = None,
+                 resume: bool = False) -> dict[str, Any]:
+    from tools.builders import build_model_from_cfg, build_split, build_svm_sets, build_transform
+    from tools.eval_svm import SVMEvaluator
+
+    cfg, device, out = prepare_run(config, opts, exp_name=exp_name, run_dir=run_dir, resume=resume)
+    torch.manual_seed(cfg.seed)
+    model = build_model_from_cfg(cfg)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("model %s: %.2fM trainable parameters", type(model).__name__, n_params / 1e6)
+    train_set = build_split(cfg, "train")
+    evaluators = []
+    if cfg.eval.svm_every > 0:
+        svm_train, svm_test = build_svm_sets(cfg)
+        evaluators.append(SVMEvaluator(svm_train, svm_test, every=cfg.eval.svm_every, C=cfg.eval.svm_C,
+                                       batch_size=cfg.eval.svm_bs, device=device))
+    trainer = Trainer(cfg, model, train_set, out, evaluators=evaluators, transform=build_transform(cfg),
+                      resume=resume, device=device)
+    summary = trainer.fit()
+    if dist.is_main_process():
+        _report(summary, out)
+    dist.cleanup()
+    return summary
+
+
+def _report(summary: dict[str, Any], out: Path) -> None:
+    lines = [f"run folder: {out}"]
+    init = summary.get("init") or {}
+    if "init/svm_acc" in init:
+        lines.append(f"linear SVM, randomly initialised encoder: {init['init/svm_acc']:.2f} %")
+    if summary.get("last_value") is not None:
+        lines.append(f"linear SVM, last epoch ({summary['last_epoch']}): {summary['last_value']:.2f} %")
+    if summary.get("best_value") is not None:
+        lines.append(f"linear SVM, best epoch ({summary['best_epoch']}, selected on the SVM test split): "
+                     f"{summary['best_value']:.2f} %")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print("\n".join(lines), flush=True)
