@@ -85,12 +85,14 @@ class Trainer:
         evaluators: periodic evaluations; the metric named ``cfg.eval.best_metric`` selects ckpt-best.
         transform: batch augmentation ``t(points (B,N,3), generator) -> (B,N,3)`` applied on device.
         resume: continue from ``run_dir/ckpt-last.pth``.
+        stop_after_epoch: leave the loop after this epoch (checkpoint written), as a preempted job
+            would; the planned schedule (``max_epoch``, curriculum, cosine) is unchanged.
         device: torch device (default: from ``cfg.device``).
     """
 
     def __init__(self, cfg: Mapping[str, Any], model: nn.Module, train_set: Dataset, run_dir: str | Path, *,
                  evaluators: Sequence[Evaluator] = (), transform: Callable | None = None,
-                 resume: bool = False, device: torch.device | None = None,
+                 resume: bool = False, device: torch.device | None = None, stop_after_epoch: int | None = None,
                  optimizer_builder: Callable[[nn.Module], torch.optim.Optimizer] | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -98,6 +100,7 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.max_epoch = int(cfg["max_epoch"])
+        self.stop_after_epoch = stop_after_epoch
         self.seed = int(cfg["seed"])
         self.precision = cfg["precision"]
         self.accum = int(cfg["step_per_update"])
@@ -304,6 +307,9 @@ class Trainer:
                 record["best/epoch"] = self.best["epoch"]
             self._save(epoch, metrics, improved)
             self._log_epoch(record)
+            if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch:
+                log.info("stopping after epoch %d as asked; continue with --resume", epoch)
+                break
         if self.writer is not None:
             self.writer.close()
         return self.summary()

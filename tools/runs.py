@@ -51,7 +51,7 @@ def prepare_run(config: str, opts: list[str], *, exp_name: str = "default", run_
 
 
 def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run_dir: str | None = None,
-                 resume: bool = False) -> dict[str, Any]:
+                 resume: bool = False, stop_after_epoch: int | None = None) -> dict[str, Any]:
     from tools.builders import build_model_from_cfg, build_split, build_svm_sets, build_transform
     from tools.eval_svm import SVMEvaluator
 
@@ -67,7 +67,7 @@ def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run
         evaluators.append(SVMEvaluator(svm_train, svm_test, every=cfg.eval.svm_every, C=cfg.eval.svm_C,
                                        batch_size=cfg.eval.svm_bs, device=device))
     trainer = Trainer(cfg, model, train_set, out, evaluators=evaluators, transform=build_transform(cfg),
-                      resume=resume, device=device)
+                      resume=resume, device=device, stop_after_epoch=stop_after_epoch)
     summary = trainer.fit()
     if dist.is_main_process():
         _report(summary, out)
