@@ -252,7 +252,7 @@ class Trainer:
                 out = model(batch, epoch=epoch, generator=gen)
             loss = out["loss"]
             if not math.isfinite(loss.item()):
-                terms = {k: float(v) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
+                terms = {k: float(v.detach()) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
                 raise NonFiniteLossError(
                     f"non-finite loss {loss.item()} at epoch {epoch}, iteration {it} (terms: {terms}); "
                     f"the run stops here, the last good checkpoint is {self.run_dir / 'ckpt-last.pth'}. "
@@ -269,7 +269,7 @@ class Trainer:
                     hook_model.after_step()
             for k, v in out.items():
                 if torch.is_tensor(v) and v.numel() == 1:
-                    sums[k] += float(v)
+                    sums[k] += float(v.detach())
             samples += batch["points"].shape[0]
             if bar is not None:
                 bar.set_postfix(loss=f"{loss.item():.4g}", lr=f"{lr:.2e}")

@@ -66,6 +66,11 @@ def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run
         svm_train, svm_test = build_svm_sets(cfg)
         evaluators.append(SVMEvaluator(svm_train, svm_test, every=cfg.eval.svm_every, C=cfg.eval.svm_C,
                                        batch_size=cfg.eval.svm_bs, device=device))
+    if cfg.vis.gc_every > 0:
+        from tools.visualize import GCPanelEvaluator
+        vis_set = build_split(cfg, "svm_test") if cfg.dataset.svm_test else train_set
+        evaluators.append(GCPanelEvaluator(vis_set, every=cfg.vis.gc_every, out_dir=out / "vis",
+                                           num_shapes=cfg.vis.num_shapes))
     trainer = Trainer(cfg, model, train_set, out, evaluators=evaluators, transform=build_transform(cfg),
                       resume=resume, device=device, stop_after_epoch=stop_after_epoch)
     summary = trainer.fit()

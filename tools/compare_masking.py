@@ -1,0 +1,120 @@
+"""Pre-train with random vs GeoMask3D masking (KD off and on) and compare linear-SVM accuracy.
+
+For every seed, on the same config and epochs:
+  * ``random``       Point-MAE, random masking;
+  * ``gm3d``         GeoMask3D masking, no knowledge distillation (variant A, ``lambda_point`` 1);
+  * ``gm3d+kd``      GeoMask3D variant C, whose frozen knowledge teacher is that seed's ``random`` run
+                     (so this arm builds on a finished Point-MAE pre-training: its cost is counted
+                     with the teacher's time included);
+  * ``random (equal time)`` with ``--equal-time``: random masking trained for as many epochs as the
+                     ``gm3d`` arm's wall-clock buys.
+Each run is the real CLI (``main_pretrain.py``) in a subprocess. The table (mean ± std over seeds of
+the last-epoch SVM accuracy, the best-epoch accuracy selected on the test split, and the wall-clock)
+is printed and written to ``<out>/compare.md``.
+
+    python tools/compare_masking.py --config cfgs/pretrain/quickstart.yaml --seeds 0 1 2 --out experiments/compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_arm(config: str, run_dir: Path, opts: list[str]) -> dict:
+    """Run one pre-training (or reuse a finished one) and return its summary plus wall-clock."""
+    summary_path = run_dir / "summary.json"
+    timing_path = run_dir / "wallclock.json"
+    if summary_path.exists() and timing_path.exists():
+        return {**json.loads(summary_path.read_text()), **json.loads(timing_path.read_text())}
+    if run_dir.exists():
+        import shutil
+        shutil.rmtree(run_dir)
+    cmd = [sys.executable, str(REPO / "main_pretrain.py"), "--config", config, "--run_dir", str(run_dir),
+           "log.progress_bar=false", "log.tensorboard=false", *opts]
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"run failed ({run_dir}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    timing_path.write_text(json.dumps({"wall_s": wall}))
+    return {**json.loads(summary_path.read_text()), "wall_s": wall}
+
+
+def mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "n/a"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.2f} ± {sd:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="cfgs/pretrain/quickstart.yaml", help="Point-MAE pre-training config")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="experiments/compare_masking", help="folder for the runs and compare.md")
+    p.add_argument("--equal-time", action="store_true", help="add a random-masking arm given gm3d's wall-clock")
+    p.add_argument("--gm3d", nargs="*", default=["model.gm3d.gc_decoder_depth=2"],
+                   help="overrides for both gm3d arms")
+    p.add_argument("opts", nargs="*", help="overrides for every arm (e.g. max_epoch=10 dataset.train.partial=0.3)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gm3d_common = ["model.NAME=Point_MAE_GM3D", "model.transformer_config.mask_type=gm3d", *args.gm3d]
+    results: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        common = [f"seed={seed}", *args.opts]
+        rnd = run_arm(args.config, out / f"random_s{seed}", common)
+        results.setdefault("random", []).append(rnd)
+        a = run_arm(args.config, out / f"gm3d_s{seed}", [*common, *gm3d_common, "model.gm3d.variant=A",
+                                                         "model.gm3d.lambda_point=1.0"])
+        results.setdefault("gm3d (no KD)", []).append(a)
+        teacher = out / f"random_s{seed}" / "ckpt-last.pth"
+        c = run_arm(args.config, out / f"gm3d_kd_s{seed}", [*common, *gm3d_common, "model.gm3d.variant=C",
+                                                            f"model.gm3d.teacher_ckpt={teacher}"])
+        c = {**c, "wall_s_with_teacher": c["wall_s"] + rnd["wall_s"]}
+        results.setdefault("gm3d + KD (teacher = random run)", []).append(c)
+        if args.equal_time:
+            epochs = rnd["last_epoch"] + 1
+            eq_epochs = max(epochs, round(epochs * a["wall_s"] / rnd["wall_s"]))
+            e = run_arm(args.config, out / f"random_eqtime_s{seed}",
+                        [*common, f"max_epoch={eq_epochs}", f"scheduler.kwargs.epochs={eq_epochs}"])
+            results.setdefault(f"random, equal time ({eq_epochs} epochs)", []).append(e)
+
+    from utils.config import load_config
+    cfg = load_config(args.config, args.opts)
+    lines = [
+        f"Linear-SVM accuracy (%) on `{cfg.dataset.svm_test.get('NAME', '?')}` test split, mean ± std over "
+        f"seeds {args.seeds}; `{args.config}` {' '.join(args.opts)}; {cfg.max_epoch} epochs; "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {cfg.precision}.",
+        "",
+        "| arm | SVM last epoch | SVM best epoch (test-selected) | SVM random init | wall-clock per run (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, rs in results.items():
+        last = [r["last_value"] for r in rs if r.get("last_value") is not None]
+        best = [r["best_value"] for r in rs if r.get("best_value") is not None]
+        init = [r["init"]["init/svm_acc"] for r in rs if r.get("init")]
+        wall = [r.get("wall_s_with_teacher", r["wall_s"]) for r in rs]
+        note = " (incl. teacher)" if "wall_s_with_teacher" in rs[0] else ""
+        lines.append(f"| {arm} | {mean_std(last)} | {mean_std(best)} | {mean_std(init)} | "
+                     f"{statistics.mean(wall):.0f}{note} |")
+    table = "\n".join(lines)
+    (out / "compare.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
