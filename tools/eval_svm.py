@@ -3,9 +3,19 @@
 Features: mean + max pooled encoder tokens of the complete (unmasked, un-augmented) cloud.
 Classifier: ``sklearn.svm.SVC(kernel="linear", C=C)`` on the raw features (C=0.01 as in GM3D/M2AE).
 
-Standalone::
+Standalone: any pre-trained checkpoint (official Point-MAE ``pretrain.pth``, this project's Point-MAE or
+GM3D ``ckpt-*.pth``, even a fine-tuned classifier) in, accuracy out, on any classification data set::
 
     python tools/eval_svm.py --config cfgs/pretrain/quickstart.yaml --ckpt experiments/.../ckpt-last.pth
+    python tools/eval_svm.py --config cfgs/pretrain/point_mae.yaml --ckpt pretrain.pth \
+        --dataset-config cfgs/dataset_configs/ScanObjectNN_objectbg.yaml
+
+The config gives the encoder's architecture (its ``model`` section: a pre-training ``transformer_config``
+or the flat fine-tune keys) and ``npoints``; the checkpoint's encoder is found by
+:func:`models.convert.pretrained_to_classifier` (every encoder key required, shapes checked). Data, in
+order of precedence: ``--dataset-config FILE`` (its train / test subsets), the config's
+``dataset.svm_train`` / ``dataset.svm_test``, else its ``dataset.train`` / ``dataset.test``. Clouds with
+more than ``npoints`` points are reduced by deterministic FPS.
 """
 
 from __future__ import annotations
@@ -72,29 +82,122 @@ class SVMEvaluator:
         return {"svm_acc": linear_svm_accuracy(*tr, *te, C=self.C)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tools.builders import build_svm_sets, load_pretrained_for_eval
+class EncoderFeatures(nn.Module):
+    """A bare Point-MAE encoder with the linear-SVM feature, for checkpoints of any layout.
+
+    Args:
+        trans_dim, depth, num_heads: encoder shape.
+        group_size, num_group: patching.
+        npoints: clouds with more points are reduced to this many by deterministic FPS (None: as given).
+    """
+
+    def __init__(self, trans_dim: int, depth: int, num_heads: int, group_size: int, num_group: int,
+                 npoints: int | None = None):
+        super().__init__()
+        from models.point_mae import PointMAEEncoder
+
+        self.group_size, self.num_group, self.npoints = group_size, num_group, npoints
+        self.encoder = PointMAEEncoder(trans_dim, trans_dim, depth, num_heads, 0.0, embed_visible_only=False)
+
+    @classmethod
+    def from_model_cfg(cls, model_cfg, npoints: int | None = None) -> "EncoderFeatures":
+        """From a config ``model`` section: pre-training (``transformer_config``) or fine-tune (flat keys)."""
+        tc = model_cfg.get("transformer_config") or model_cfg
+        return cls(int(tc.get("trans_dim", 384)), int(tc.get("depth", 12)), int(tc.get("num_heads", 6)),
+                   int(model_cfg.get("group_size", 32)), int(model_cfg.get("num_group", 64)), npoints)
+
+    def load_checkpoint(self, path: str, source: str = "student") -> dict:
+        """Load the encoder of any supported checkpoint; every encoder key must be present."""
+        from models.convert import ENCODER_PREFIXES, pretrained_to_classifier
+        from tools import checkpoint as ckpt_io
+
+        state, info = pretrained_to_classifier(ckpt_io.load_file(path), source=source, where=str(path))
+        state = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+        ckpt_io.load_state_dict_checked(self.encoder, state, what=f"encoder of {path} ({info['layout']})")
+        return info
+
+    @torch.no_grad()
+    def extract_features(self, points: torch.Tensor) -> torch.Tensor:
+        from extensions import fps, gather, group
+        from models.point_mae import pool_tokens
+
+        if self.npoints is not None and points.shape[1] > self.npoints:
+            points = gather(points, fps(points, self.npoints))
+        p = group(points, self.num_group, self.group_size)
+        return pool_tokens(self.encoder(p.neighborhood, p.center))
+
+
+def _dataset_file_sets(path: str, npoints: int | None, data_root: str | None):
+    """Train and test sets of an official data-set YAML (e.g. cfgs/dataset_configs/ModelNet40.yaml)."""
+    import inspect
+
+    from datasets import DATASETS, build_dataset
+    from datasets.build import dataset_kwargs
     from utils.config import load_config
+
+    section = load_config(path, defaults=None).to_dict()
+    name = dataset_kwargs(section)["NAME"]
+    accepts_npoints = "npoints" in inspect.signature(DATASETS.get(name)).parameters
+    sets = []
+    for subset in ("train", "test"):
+        extra = {"subset": subset}
+        if accepts_npoints and npoints:
+            extra["npoints"] = npoints
+        sets.append(build_dataset(section, data_root=data_root, where=f"{path} ({subset})", **extra))
+    return sets
+
+
+def svm_data(cfg, dataset_config: str | None = None):
+    """(train set, test set, description) by the precedence of the module docstring."""
+    from tools.builders import build_split
+
+    if dataset_config:
+        tr, te = _dataset_file_sets(dataset_config, int(cfg.npoints), cfg.get("data_root"))
+        return tr, te, dataset_config
+    for a, b in (("svm_train", "svm_test"), ("train", "test")):
+        if cfg.dataset.get(a) and cfg.dataset.get(b):
+            return build_split(cfg, a), build_split(cfg, b), f"dataset.{a} / dataset.{b}"
+    raise ValueError("no data for the SVM: pass --dataset-config or set dataset.svm_train / svm_test")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from utils.config import load_config
+    from utils.errors import CheckpointError, ConfigError, DataError
     from utils.logging import setup_logging
     from utils.misc import resolve_device
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="config whose model and dataset.svm_* sections to use")
-    p.add_argument("--ckpt", default=None, help="checkpoint to evaluate (omit for a randomly initialised encoder)")
+    p.add_argument("--config", required=True,
+                   help="config whose model section (encoder shape), npoints and data sections to use")
+    p.add_argument("--ckpt", default=None,
+                   help="checkpoint: official pretrain.pth, ours (Point-MAE / GM3D), or a fine-tuned classifier "
+                        "(omit for a randomly initialised encoder)")
+    p.add_argument("--dataset-config", default=None,
+                   help="official data-set YAML, e.g. cfgs/dataset_configs/ModelNet40.yaml (train/test subsets)")
+    p.add_argument("--source", choices=("student", "ema"), default="student",
+                   help="GM3D checkpoints: the student's encoder or the EMA teacher's (default: student)")
     p.add_argument("--C", type=float, default=None, help="SVM C (default: eval.svm_C of the config)")
     p.add_argument("opts", nargs="*", help="config overrides key=value")
     args = p.parse_args(argv)
     setup_logging()
-    cfg = load_config(args.config, args.opts)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = load_pretrained_for_eval(cfg, args.ckpt, device)
-    train_set, test_set = build_svm_sets(cfg)
-    ev = SVMEvaluator(train_set, test_set, C=args.C if args.C is not None else cfg.eval.svm_C,
-                      batch_size=cfg.eval.svm_bs, device=device)
-    acc = ev(model, -1)["svm_acc"]
-    print(f"linear SVM accuracy: {acc:.2f} %  (C={ev.C}, train {len(train_set)} / test {len(test_set)}, "
-          f"checkpoint: {args.ckpt or 'random init'})")
+    try:
+        cfg = load_config(args.config, args.opts)
+        device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        model = EncoderFeatures.from_model_cfg(cfg.model, int(cfg.npoints))
+        layout = "random init"
+        if args.ckpt:
+            layout = model.load_checkpoint(args.ckpt, args.source)["layout"]
+        model.to(device).eval()
+        train_set, test_set, where = svm_data(cfg, args.dataset_config)
+        ev = SVMEvaluator(train_set, test_set, C=args.C if args.C is not None else cfg.eval.svm_C,
+                          batch_size=cfg.eval.svm_bs, device=device)
+        acc = ev(model, -1)["svm_acc"]
+    except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+        logging.getLogger("eval_svm").error("%s: %s", type(e).__name__, e)
+        return 2
+    print(f"linear SVM accuracy: {acc:.2f} %  (C={ev.C}, data {where}: train {len(train_set)} / test "
+          f"{len(test_set)}, checkpoint: {args.ckpt or 'random init'} [{layout}])", flush=True)
     return 0
 
 

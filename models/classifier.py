@@ -1,0 +1,132 @@
+"""Point-MAE fine-tuning classifier: the official ``PointTransformer`` (REFERENCE.md section 3.3).
+
+``state_dict`` keys are exactly the official fine-tune model's, so released fine-tuned checkpoints
+(``modelnet_1k.pth``, ``scan_*.pth``) load strictly and pre-trained encoders map onto it by renaming
+only (:mod:`models.convert`)::
+
+    cls_token (1, 1, C), cls_pos (1, 1, C)
+    encoder.{first_conv,second_conv}.{0,1,3}.*        mini-PointNet patch embedding
+    pos_embed.{0,2}.*                                  Linear(3->128) GELU Linear(128->C)
+    blocks.blocks.{i}.*                                depth blocks, positions re-added before each
+    norm.*                                             final LayerNorm
+    cls_head_finetune.{0,1,4,5,8}.*                    Linear(2C->256) BN ReLU Dropout(0.5)
+                                                       Linear(256->256) BN ReLU Dropout(0.5) Linear(256->cls_dim)
+
+Forward: group -> embed -> prepend cls token / cls position -> blocks -> LayerNorm ->
+``concat(x[:, 0], max(x[:, 1:]))`` (2C) -> head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from extensions import group
+from models.build import MODELS
+from models.layers import PatchEmbed, PosEmbed, TransformerEncoder
+from models.point_mae import _init_trunc_normal
+from utils.errors import ConfigError, DataError
+
+__all__ = ["PointTransformer", "HEAD_PREFIX", "ENCODER_PREFIXES"]
+
+HEAD_PREFIX = "cls_head_finetune."
+ENCODER_PREFIXES = ("encoder.", "pos_embed.", "blocks.blocks.", "norm.")
+
+
+@MODELS.register("PointTransformer", "PointMAEClassifier")
+class PointTransformer(nn.Module):
+    """Point-MAE classification model (official flat config keys).
+
+    Args:
+        trans_dim: token width C.
+        depth: transformer blocks.
+        drop_path_rate: stochastic depth of the last block (linear from 0).
+        cls_dim: number of classes (the official few-shot config keeps 40 for every episode).
+        num_heads: attention heads.
+        group_size: points per patch (kNN size).
+        num_group: patches per cloud (FPS centres).
+        encoder_dims: patch-embedding width (must equal trans_dim, as in every official config).
+        label_smoothing: cross-entropy label smoothing (0 = the official plain CE; GM3D's MAE-style
+            fine-tuning uses 0.1).
+    """
+
+    def __init__(self, trans_dim: int = 384, depth: int = 12, drop_path_rate: float = 0.1, cls_dim: int = 40,
+                 num_heads: int = 6, group_size: int = 32, num_group: int = 64, encoder_dims: int = 384,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        if encoder_dims != trans_dim:
+            raise ConfigError(f"PointTransformer: encoder_dims ({encoder_dims}) must equal trans_dim ({trans_dim})")
+        if cls_dim < 1:
+            raise ConfigError(f"PointTransformer: cls_dim must be >= 1, got {cls_dim}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"PointTransformer: label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.config = {"trans_dim": trans_dim, "depth": depth, "drop_path_rate": drop_path_rate,
+                       "cls_dim": cls_dim, "num_heads": num_heads, "group_size": group_size,
+                       "num_group": num_group, "encoder_dims": encoder_dims, "label_smoothing": label_smoothing}
+        self.trans_dim, self.cls_dim = trans_dim, cls_dim
+        self.group_size, self.num_group = group_size, num_group
+        self.label_smoothing = label_smoothing
+        self.encoder = PatchEmbed(encoder_dims)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, trans_dim))
+        self.cls_pos = nn.Parameter(torch.zeros(1, 1, trans_dim))
+        self.pos_embed = PosEmbed(trans_dim)
+        self.blocks = TransformerEncoder(trans_dim, depth, num_heads, drop_path_rate)
+        self.norm = nn.LayerNorm(trans_dim)
+        self.cls_head_finetune = nn.Sequential(
+            nn.Linear(2 * trans_dim, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(256, cls_dim))
+        # the official "from scratch" init: trunc_normal(0.02) for Linear / Conv1d, LayerNorm (1, 0)
+        self.apply(_init_trunc_normal)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.cls_pos, std=0.02)
+
+    # ------------------------------------------------------------------ pieces
+    def tokens(self, points: torch.Tensor) -> torch.Tensor:
+        """(B, N, 3) -> (B, 1 + G, C) normalised tokens, the cls token first."""
+        p = group(points, self.num_group, self.group_size)
+        x = self.encoder(p.neighborhood)
+        B = x.shape[0]
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
+        pos = torch.cat([self.cls_pos.expand(B, -1, -1), self.pos_embed(p.center)], dim=1)
+        return self.norm(self.blocks(x, pos))
+
+    def features(self, points: torch.Tensor) -> torch.Tensor:
+        """(B, N, 3) -> (B, 2C): concat(cls token, max over patch tokens), the official feature."""
+        x = self.tokens(points)
+        return torch.cat([x[:, 0], x[:, 1:].amax(dim=1)], dim=-1)
+
+    def logits(self, points: torch.Tensor) -> torch.Tensor:
+        """(B, N, 3) -> (B, cls_dim) class scores (call under ``eval()`` for evaluation)."""
+        return self.cls_head_finetune(self.features(points))
+
+    @torch.no_grad()
+    def extract_features(self, points: torch.Tensor) -> torch.Tensor:
+        """Linear-SVM feature of the fine-tuned encoder: mean + max of the patch tokens (SPEC 7)."""
+        x = self.tokens(points)[:, 1:]
+        return x.mean(1) + x.amax(1)
+
+    def loss_acc(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy (with label smoothing) and accuracy in percent (official ``get_loss_acc``)."""
+        label = label.reshape(-1).long()
+        loss = F.cross_entropy(logits.float(), label, label_smoothing=self.label_smoothing)
+        acc = (logits.argmax(-1) == label).float().mean() * 100.0
+        return loss, acc.detach()
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor, *, epoch: int = 0,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
+        """Engine contract: a batch dict with ``points`` (already sampled and augmented) and ``label``
+        gives ``{"loss", "acc"}``; a bare (B, N, 3) tensor gives the logits."""
+        if isinstance(batch, torch.Tensor):
+            return self.logits(batch)
+        if "label" not in batch:
+            raise KeyError("PointTransformer.forward: the batch has no 'label'")
+        logits = self.logits(batch["points"])
+        label = batch["label"]
+        if int(label.min()) < 0 or int(label.max()) >= self.cls_dim:
+            raise DataError(f"labels span [{int(label.min())}, {int(label.max())}] but the head has "
+                             f"cls_dim={self.cls_dim} classes (check model.cls_dim against the data set)")
+        loss, acc = self.loss_acc(logits, label)
+        return {"loss": loss, "acc": acc}

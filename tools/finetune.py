@@ -1,0 +1,329 @@
+"""Fine-tuning classification: train sampling, the accuracy evaluator, seeded voting, and the runner.
+
+Protocol (REFERENCE.md sections 4.7, 6.5, 6.6), with the evaluation-hygiene changes of section 9:
+
+* Training sampling (:class:`TrainSampling`): FPS of every cloud to ``point_all`` points, then one random
+  subset of ``npoints`` of those indices shared by the batch (the official RS-CNN trick), then the
+  config's ``augment`` transforms (scale-and-translate). ``point_all`` defaults to
+  ``ceil(npoints * 75 / 64)`` (1024 -> 1200, 2048 -> 2400, 4096 -> 4800, the official table), capped at
+  the cloud size (so ScanObjectNN at 2048 points and ModelNet 8k use a random permutation).
+* Test (:class:`AccuracyEvaluator`): deterministic FPS to ``npoints`` (start index 0), overall accuracy
+  and mean class accuracy, every ``finetune.eval_every`` epochs on ``dataset.test``.
+* Voting (:func:`vote_logits`): ``finetune.votes`` seeded test-time augmentations per shape (random
+  ``npoints`` subset of its FPS ``point_all`` pool, then the ``augment`` transforms), logits averaged.
+  Each shape's draws come from its own generator seeded by ``(seed, shape index)``, so the result does
+  not depend on the batch size, the device or the order; it is computed once and reported with its
+  vote count (no best-of-N repeats).
+* Every run reports the last-epoch and the best-epoch test accuracy with their epochs; the best epoch is
+  selected on the test split (the official protocol, optimistic) and is labelled so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from extensions import fps, gather
+from utils.errors import ConfigError, DataError
+from utils.misc import derive_seed
+
+log = logging.getLogger(__name__)
+
+__all__ = ["default_point_all", "fps_to", "TrainSampling", "AccuracyEvaluator", "predict_logits",
+           "vote_logits", "accuracy_metrics", "run_finetune", "build_finetune_model"]
+
+
+# ---------------------------------------------------------------------------------------- sampling
+def default_point_all(npoints: int, point_all: int | None = None) -> int:
+    """The FPS pool size before the random ``npoints`` subset (official map, generalised)."""
+    if point_all is not None:
+        if point_all < npoints:
+            raise ConfigError(f"finetune.point_all ({point_all}) must be >= npoints ({npoints})")
+        return int(point_all)
+    return int(math.ceil(npoints * 75 / 64))
+
+
+def fps_to(points: torch.Tensor, npoints: int) -> torch.Tensor:
+    """Deterministic FPS of (B, N, 3) to (B, npoints, 3), in FPS order; a no-op when N == npoints (the
+    FPS would only reorder, and grouping is FPS from index 0 again, which keeps the same first point)."""
+    n = points.shape[1]
+    if n < npoints:
+        raise DataError(f"clouds have {n} points, fewer than npoints={npoints}")
+    if n == npoints:
+        return points
+    return gather(points, fps(points, npoints))
+
+
+class TrainSampling:
+    """Official fine-tune train sampling + augmentation, as an engine batch transform.
+
+    ``t(points (B, N, 3), generator) -> (B, npoints, 3)``: FPS to ``min(point_all, N)``, one random
+    ``npoints`` subset of that pool for the whole batch (``randperm`` from ``generator``), then
+    ``augment(points, generator)``.
+    """
+
+    def __init__(self, npoints: int, point_all: int | None = None, augment: Callable | None = None):
+        self.npoints = int(npoints)
+        self.point_all = default_point_all(self.npoints, point_all)
+        self.augment = augment
+
+    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        n = points.shape[1]
+        if n < self.npoints:
+            raise DataError(f"training clouds have {n} points, fewer than npoints={self.npoints}")
+        pool = min(self.point_all, n)
+        if pool < n:
+            points = gather(points, fps(points, pool))
+        dev = generator.device if generator is not None else torch.device("cpu")
+        keep = torch.randperm(pool, generator=generator, device=dev)[: self.npoints].to(points.device)
+        points = points[:, keep]
+        return self.augment(points, generator) if self.augment is not None else points
+
+    def __repr__(self) -> str:
+        return f"TrainSampling(npoints={self.npoints}, point_all={self.point_all}, augment={self.augment!r})"
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def _loader(dataset: Dataset, batch_size: int) -> DataLoader:
+    from tools.engine import _collate_points
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate_points)
+
+
+def _eval_mode(model: nn.Module):
+    class _Ctx:
+        def __enter__(self):
+            self.was = model.training
+            model.eval()
+
+        def __exit__(self, *exc):
+            model.train(self.was)
+
+    return _Ctx()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, dataset: Dataset, npoints: int, *, batch_size: int = 64,
+                   device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain test logits: deterministic FPS to ``npoints``; returns (logits (M, C), labels (M,)) on CPU."""
+    logits, labels = [], []
+    with _eval_mode(model):
+        for batch in _loader(dataset, batch_size):
+            pts = fps_to(batch["points"].to(device), npoints)
+            logits.append(model.logits(pts).float().cpu())
+            labels.append(batch["label"].reshape(-1))
+    return torch.cat(logits), torch.cat(labels)
+
+
+@torch.no_grad()
+def vote_logits(model: nn.Module, dataset: Dataset, npoints: int, *, votes: int = 10, seed: int = 0,
+                point_all: int | None = None, augment: Callable | None = None, batch_size: int = 64,
+                device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
+    """Voting logits: per shape, ``votes`` random ``npoints`` subsets of its FPS pool, each augmented,
+    logits averaged. Shape ``i`` draws from a generator seeded by ``(seed, i)`` (CPU), so the result is
+    a function of (model, data, seed, votes) only. Returns (logits (M, C), labels (M,)) on CPU."""
+    if votes < 1:
+        raise ConfigError(f"finetune.votes must be >= 1, got {votes}")
+    pool_size = default_point_all(npoints, point_all)
+    logits, labels = [], []
+    index = 0
+    with _eval_mode(model):
+        for batch in _loader(dataset, batch_size):
+            pts = batch["points"].to(device)
+            B, N, _ = pts.shape
+            if N < npoints:
+                raise DataError(f"test clouds have {N} points, fewer than npoints={npoints}")
+            pool = min(pool_size, N)
+            if pool < N:
+                pts = gather(pts, fps(pts, pool))
+            views = []
+            for b in range(B):
+                g = torch.Generator().manual_seed(derive_seed(seed, index + b))
+                idx = torch.stack([torch.randperm(pool, generator=g)[:npoints] for _ in range(votes)])
+                v = pts[b][idx.to(device)]                                   # (votes, npoints, 3)
+                views.append(augment(v, g) if augment is not None else v)
+            views = torch.stack(views)                                       # (B, votes, npoints, 3)
+            out = torch.cat([model.logits(chunk).float() for chunk in
+                             views.reshape(B * votes, npoints, 3).split(batch_size)])
+            logits.append(out.view(B, votes, -1).mean(1).cpu())
+            labels.append(batch["label"].reshape(-1))
+            index += B
+    return torch.cat(logits), torch.cat(labels)
+
+
+def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, prefix: str = "test") -> dict[str, float]:
+    """Overall accuracy and mean class accuracy, in percent."""
+    pred = logits.argmax(-1)
+    correct = (pred == labels).float()
+    classes = labels.unique()
+    per_class = torch.stack([correct[labels == c].mean() for c in classes])
+    return {f"{prefix}_acc": float(correct.mean() * 100), f"{prefix}_macc": float(per_class.mean() * 100)}
+
+
+class AccuracyEvaluator:
+    """Engine evaluator: plain (FPS) accuracy on ``dataset`` every ``every`` epochs -> ``{name}_acc``,
+    ``{name}_macc``."""
+
+    def __init__(self, dataset: Dataset, npoints: int, *, name: str = "test", every: int = 1,
+                 batch_size: int = 64, device: torch.device = torch.device("cpu")):
+        self.dataset, self.npoints, self.name, self.every = dataset, npoints, name, every
+        self.batch_size, self.device = batch_size, device
+
+    def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        logits, labels = predict_logits(model, self.dataset, self.npoints, batch_size=self.batch_size,
+                                        device=self.device)
+        return accuracy_metrics(logits, labels, self.name)
+
+
+# ---------------------------------------------------------------------------------------- runner
+def build_finetune_model(cfg: Mapping[str, Any], *, ckpt: str | None = None, scratch: bool = False
+                         ) -> tuple[nn.Module, dict[str, Any]]:
+    """The config's classifier, with a pre-trained encoder from ``ckpt`` unless ``scratch``."""
+    from models.convert import load_pretrained_encoder
+    from tools.builders import build_model_from_cfg
+
+    if bool(ckpt) == bool(scratch):
+        raise ConfigError("fine-tuning needs exactly one of --finetune CKPT (pre-trained encoder) or --scratch "
+                          "(random initialisation)")
+    torch.manual_seed(int(cfg["seed"]))
+    model = build_model_from_cfg(cfg)
+    if not hasattr(model, "logits"):
+        raise ConfigError(f"model.NAME {cfg['model']['NAME']} is not a classifier (no logits method); "
+                          f"use PointTransformer")
+    info: dict[str, Any] = {"init": "scratch"}
+    if ckpt:
+        info = load_pretrained_encoder(model, ckpt, source=cfg["finetune"]["source"])
+        info["init"] = str(ckpt)
+    return model, info
+
+
+def _check_classes(model: nn.Module, dataset: Dataset, what: str) -> None:
+    n = getattr(dataset, "num_classes", None)
+    cls_dim = getattr(model, "cls_dim", None)
+    if n is not None and cls_dim is not None:
+        if n > cls_dim:
+            raise ConfigError(f"{what} has {n} classes but model.cls_dim is {cls_dim}")
+        if n < cls_dim:
+            log.info("%s has %d classes, the head has %d outputs (as the official few-shot 40-way head)",
+                     what, n, cls_dim)
+
+
+def _vote_report(model, test_set, cfg, device) -> dict[str, float]:
+    from tools.builders import build_transform
+
+    fc = cfg["finetune"]
+    logits, labels = vote_logits(model, test_set, int(cfg["npoints"]), votes=int(fc["votes"]), seed=int(cfg["seed"]),
+                                 point_all=fc["point_all"], augment=build_transform(cfg),
+                                 batch_size=int(fc["eval_bs"]), device=device)
+    return accuracy_metrics(logits, labels, "vote")
+
+
+def run_finetune(config: str, opts: list[str], *, exp_name: str = "default", run_dir: str | None = None,
+                 ckpt: str | None = None, scratch: bool = False, test: str | None = None,
+                 vote: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune (or, with ``test``, only evaluate) a classifier; prints and returns the summary."""
+    from models.convert import load_finetuned
+    from tools.builders import build_model_from_cfg, build_split, build_transform
+    from tools.engine import Trainer
+    from tools.runs import prepare_run
+    from utils import dist
+
+    # --test writes only test.log / summary-test.json, so an existing training run folder is fine
+    cfg, device, out = prepare_run(config, opts, exp_name=exp_name, run_dir=run_dir, resume=resume or bool(test),
+                                   kind="test" if test else "finetune")
+    fc = cfg.finetune
+    npoints = int(cfg.npoints)
+    do_vote = bool(vote or fc.vote)
+    test_set = build_split(cfg, "test")
+    if test:
+        torch.manual_seed(int(cfg.seed))
+        model = build_model_from_cfg(cfg)
+        meta = load_finetuned(model, test)
+        model.to(device)
+        _check_classes(model, test_set, "dataset.test")
+        logits, labels = predict_logits(model, test_set, npoints, batch_size=int(fc.eval_bs), device=device)
+        summary: dict[str, Any] = {"mode": "test", "checkpoint": test, "checkpoint_epoch": meta.get("epoch"),
+                                   **accuracy_metrics(logits, labels, "test")}
+        if do_vote:
+            summary.update(_vote_report(model, test_set, cfg, device))
+            summary["votes"] = int(fc.votes)
+        _report(summary, out, "summary-test.json")
+        return summary
+
+    model, info = build_finetune_model(cfg, ckpt=ckpt, scratch=scratch) if not resume else \
+        (build_model_from_cfg(cfg), {"init": "resumed"})
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("model %s: %.2fM trainable parameters; init: %s", type(model).__name__, n_params / 1e6, info["init"])
+    train_set = build_split(cfg, "train")
+    _check_classes(model, train_set, "dataset.train")
+    evaluators = [AccuracyEvaluator(test_set, npoints, name="test", every=int(fc.eval_every),
+                                    batch_size=int(fc.eval_bs), device=device)]
+    if cfg.dataset.get("val"):
+        evaluators.insert(0, AccuracyEvaluator(build_split(cfg, "val"), npoints, name="val",
+                                               every=int(fc.eval_every), batch_size=int(fc.eval_bs), device=device))
+    if cfg.eval.best_metric not in (None, "test_acc", "val_acc", "test_macc", "val_macc"):
+        raise ConfigError(f"eval.best_metric is '{cfg.eval.best_metric}'; fine-tuning produces test_acc / test_macc "
+                          f"(and val_acc / val_macc with a dataset.val section)")
+    transform = TrainSampling(npoints, fc.point_all, build_transform(cfg))
+    trainer = Trainer(cfg, model, train_set, out, evaluators=evaluators, transform=transform, resume=resume,
+                      device=device)
+    summary = trainer.fit()
+    summary.update({"mode": "finetune", "init": info["init"], "init_layout": info.get("layout"),
+                    "left_at_init": info.get("missing")})
+    if do_vote and dist.is_main_process():
+        summary["votes"] = int(fc.votes)
+        summary["vote_last"] = _vote_report(model, test_set, cfg, device)["vote_acc"]
+        best_path = out / "ckpt-best.pth"
+        if best_path.exists() and summary.get("best_epoch") != summary.get("last_epoch"):
+            best_model = build_model_from_cfg(cfg)
+            load_finetuned(best_model, best_path)
+            summary["vote_best"] = _vote_report(best_model.to(device), test_set, cfg, device)["vote_acc"]
+        else:
+            summary["vote_best"] = summary["vote_last"]
+    if dist.is_main_process():
+        _report(summary, out, "summary.json")
+    dist.cleanup()
+    return summary
+
+
+def _report(summary: dict[str, Any], out: Path, name: str) -> None:
+    lines = [f"run folder: {out}"]
+    if summary.get("mode") == "test":
+        lines.append(f"checkpoint {summary['checkpoint']} (epoch {summary.get('checkpoint_epoch')})")
+        lines.append(f"test accuracy (FPS, no voting): {summary['test_acc']:.2f} %  "
+                     f"(mean class accuracy {summary['test_macc']:.2f} %)")
+        if "vote_acc" in summary:
+            lines.append(f"test accuracy with voting ({summary['votes']} votes, seeded, computed once): "
+                         f"{summary['vote_acc']:.2f} %")
+    else:
+        last = summary.get("last") or {}
+        key = summary.get("best_metric")
+        if "test_acc" in last:
+            lines.append(f"test accuracy, last epoch ({summary['last_epoch']}): {last['test_acc']:.2f} %  "
+                         f"(mean class accuracy {last.get('test_macc', float('nan')):.2f} %)")
+        if summary.get("best_value") is not None:
+            split = "the test split: optimistic, the official protocol" if key.startswith("test") else "dataset.val"
+            lines.append(f"{key.replace('_', ' ')}, best epoch ({summary['best_epoch']}, selected on {split}): "
+                         f"{summary['best_value']:.2f} %")
+        if "vote_last" in summary:
+            lines.append(f"test accuracy with voting ({summary['votes']} votes, seeded), last epoch "
+                         f"({summary['last_epoch']}): {summary['vote_last']:.2f} %")
+            lines.append(f"test accuracy with voting ({summary['votes']} votes, seeded), best epoch "
+                         f"({summary['best_epoch']}): {summary['vote_best']:.2f} %")
+    (out / name).write_text(json.dumps(summary, indent=2, default=str))
+    print("\n".join(lines), flush=True)
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and standard deviation (numpy, ddof=0) of a list of numbers."""
+    a = np.asarray(list(values), dtype=np.float64)
+    return float(a.mean()), float(a.std())
