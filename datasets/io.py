@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datasets.transforms import pc_norm
 from utils.errors import DataError
 
 __all__ = [
@@ -363,13 +364,6 @@ def write_cloud_cache(path: str, clouds: Sequence[np.ndarray], labels: Sequence[
 
 
 # ----------------------------------------------------------------------------- sampling and norm
-def _pc_norm(points: np.ndarray) -> np.ndarray:
-    """Centre on the mean and scale into the unit sphere: (N, 3) -> (N, 3) float32 (official pc_norm)."""
-    centred = points - points.mean(axis=0, keepdims=True)
-    radius = float(np.sqrt((centred**2).sum(axis=1)).max()) if len(centred) else 0.0
-    return (centred / radius if radius > 0 else centred).astype(np.float32)
-
-
 def item_rng(seed: int | None, *keys: int) -> np.random.Generator:
     """A numpy generator for one draw: seeded by ``(seed, *keys)``, or fresh entropy if ``seed`` is None."""
     if seed is None:
@@ -510,7 +504,7 @@ class InMemoryClouds(PointDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         cloud = np.array(self.clouds[index][: self.npoints], dtype=np.float32)
-        xyz = _pc_norm(cloud[:, :3]) if self.normalize else cloud[:, :3]
+        xyz = pc_norm(np.asarray(cloud[:, :3], dtype=np.float32)) if self.normalize else cloud[:, :3]
         order = self._rng(index).permutation(len(cloud)) if self.shuffle else slice(None)
         extra = {"normals": cloud[order, 3:6]} if self.use_normals else {}
         return self._item(xyz[order], self.labels[index], self.names[index], **extra)

@@ -12,10 +12,10 @@ from typing import Any, Literal
 import numpy as np
 
 from datasets.build import DATASETS
+from datasets.transforms import pc_norm
 from datasets.io import (
     DatasetLayout,
     PointDataset,
-    _pc_norm,
     check_cloud,
     load_npy,
     read_lines,
@@ -122,5 +122,5 @@ class ShapeNet(PointDataset):
         path = os.path.join(self.pc_path, fname)
         cloud = check_cloud(load_npy(path), f"'{path}'", self.n_points)
         choice = sample_indices(self.n_points, self.npoints, self._rng(index))
-        points = _pc_norm(np.asarray(cloud[choice, :3], dtype=np.float32))
+        points = pc_norm(np.asarray(cloud[choice, :3], dtype=np.float32))
         return self._item(points, self._class_index[fname.split("-", 1)[0]], os.path.splitext(fname)[0])

@@ -15,10 +15,10 @@ from typing import Any, Literal
 import numpy as np
 
 from datasets.build import DATASETS
+from datasets.transforms import pc_norm
 from datasets.io import (
     DatasetLayout,
     PointDataset,
-    _pc_norm,
     check_cloud,
     load_txt,
     read_lines,
@@ -214,9 +214,9 @@ class ShapeNetPart(PointDataset):
                 f"{allowed[0]}..{allowed[-1]} for {self.classes[category]}"
             )
         cloud = (
-            np.concatenate([_pc_norm(data[:, :3]), data[:, 3:6]], axis=1)
+            np.concatenate([pc_norm(np.asarray(data[:, :3], dtype=np.float32)), data[:, 3:6]], axis=1)
             if self.use_normals
-            else _pc_norm(data[:, :3])
+            else pc_norm(np.asarray(data[:, :3], dtype=np.float32))
         )
         entry = (cloud, seg.astype(np.uint8))
         if self._cache is not None:

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from datasets import DATASETS, build_dataset, dataset_kwargs
-from datasets.io import LAYOUTS, _pc_norm, load_cloud_cache, safe_pickle_load, sample_indices
+from datasets.transforms import pc_norm
+from datasets.io import LAYOUTS, load_cloud_cache, safe_pickle_load, sample_indices
 from datasets.scanobjectnn import CLASSES as SCAN_CLASSES
 from datasets.shapenetpart import SEG_CLASSES
 from utils.errors import ConfigError, DataError
@@ -191,9 +192,9 @@ def _same_rows(a: np.ndarray, b: np.ndarray) -> bool:
 
 # ------------------------------------------------------------------------------------ io helpers
 def test_pc_norm_centres_and_scales() -> None:
-    out = _pc_norm(np.array([[0, 0, 0], [2, 0, 0], [4, 0, 0]], np.float32))
+    out = pc_norm(np.array([[0, 0, 0], [2, 0, 0], [4, 0, 0]], np.float32))
     np.testing.assert_allclose(out, [[-1, 0, 0], [0, 0, 0], [1, 0, 0]])
-    np.testing.assert_allclose(_pc_norm(np.ones((4, 3), np.float32)), 0)
+    np.testing.assert_allclose(pc_norm(np.ones((4, 3), np.float32)), 0)
 
 
 def test_sample_indices_without_replacement_and_fill() -> None:
@@ -298,7 +299,7 @@ def test_shapenet_sampling_is_seeded_per_epoch(shapenet: Path) -> None:
     assert not torch.equal(first, _shapenet(shapenet, seed=4)[2]["points"])
     raw = np.load(shapenet / "shapenet_pc" / f"{SYNSETS[0]}-train0002.npy")
     whole = _shapenet(shapenet, npoints=64, seed=None)[2]["points"].numpy()
-    assert _same_rows(whole, _pc_norm(raw))
+    assert _same_rows(whole, pc_norm(raw))
 
 
 def test_shapenet_errors(shapenet: Path, tmp_path: Path) -> None:
@@ -342,7 +343,7 @@ def test_modelnet_from_cache(modelnet: Path) -> None:
     assert_normalised(item["points"])
     assert item["name"] == "night_stand_0102" and item["label"].item() == 1
     points, labels = pickle.loads((modelnet / "modelnet3_test_32pts_fps.dat").read_bytes())
-    np.testing.assert_allclose(item["points"].numpy(), _pc_norm(points[4][:, :3]), atol=1e-6)
+    np.testing.assert_allclose(item["points"].numpy(), pc_norm(points[4][:, :3]), atol=1e-6)
     assert [int(x[0]) for x in labels] == test.labels.tolist()
     assert "normals" not in item
 
@@ -352,8 +353,8 @@ def test_modelnet_train_shuffle_normals_and_prefix(modelnet: Path) -> None:
     test = _modelnet(modelnet, subset="test")
     points, _ = pickle.loads((modelnet / "modelnet3_train_32pts_fps.dat").read_bytes())
     a = train[0]["points"]
-    assert _same_rows(a.numpy(), _pc_norm(points[0][:, :3])) and not np.allclose(
-        a, _pc_norm(points[0][:, :3])
+    assert _same_rows(a.numpy(), pc_norm(points[0][:, :3])) and not np.allclose(
+        a, pc_norm(points[0][:, :3])
     )
     assert torch.equal(a, _modelnet(modelnet, seed=1)[0]["points"])
     train.set_epoch(5)
@@ -363,7 +364,7 @@ def test_modelnet_train_shuffle_normals_and_prefix(modelnet: Path) -> None:
     assert with_normals["normals"].shape == (32, 3)
     prefix = _modelnet(modelnet, subset="test", npoints=8)[0]["points"].numpy()
     raw_points, _ = pickle.loads((modelnet / "modelnet3_test_32pts_fps.dat").read_bytes())
-    np.testing.assert_allclose(prefix, _pc_norm(raw_points[0][:8, :3]), atol=1e-6)
+    np.testing.assert_allclose(prefix, pc_norm(raw_points[0][:8, :3]), atol=1e-6)
 
 
 def test_modelnet_errors(modelnet: Path, tmp_path: Path) -> None:
