@@ -68,3 +68,16 @@ def test_extract_features_shape_and_determinism():
     f1, f2 = model.extract_features(x), model.extract_features(x)
     assert f1.shape == (4, 48)
     torch.testing.assert_close(f1, f2)
+
+
+def test_svm_C_selection_uses_train_features_only():
+    import numpy as np
+
+    from tools.eval_svm import linear_svm_accuracy, select_C
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    x = rng.normal(size=(120, 8)) * 0.01 + np.eye(3)[y] @ rng.normal(size=(3, 8)) * 0.02  # tiny scale
+    assert select_C(x, y, [0.01, 1000.0]) == 1000.0  # C=0.01 under-fits features this small
+    assert linear_svm_accuracy(x, y, x, y, C=1000.0) > linear_svm_accuracy(x, y, x, y, C=0.01)
+    assert linear_svm_accuracy(x, y, x, y, C=0.01, standardize=True) > 90.0

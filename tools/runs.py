@@ -65,7 +65,8 @@ def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run
     if cfg.eval.svm_every > 0:
         svm_train, svm_test = build_svm_sets(cfg)
         evaluators.append(SVMEvaluator(svm_train, svm_test, every=cfg.eval.svm_every, C=cfg.eval.svm_C,
-                                       batch_size=cfg.eval.svm_bs, device=device))
+                                       batch_size=cfg.eval.svm_bs, device=device,
+                                       C_grid=cfg.eval.svm_C_grid, standardize=cfg.eval.svm_standardize))
     if cfg.vis.gc_every > 0:
         from tools.visualize import GCPanelEvaluator
         vis_set = build_split(cfg, "svm_test") if cfg.dataset.svm_test else train_set
