@@ -1,0 +1,281 @@
+"""tools/visualize.py: each sub-command writes a PNG of the expected size from a tiny run; GC colours
+are monotone in the scores; a plain Point-MAE checkpoint is refused by `gc` and accepted by `recon`;
+the periodic GCPanelEvaluator writes its file and returns {}."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from matplotlib import colormaps
+from matplotlib.image import imread
+
+from datasets import build_dataset
+from models.gm3d import PointMAEGM3D
+from models.point_mae import PointMAE
+from tests.helpers import TINY_TC
+from tools import visualize as vis
+from tools.checkpoint import CheckpointError, atomic_save
+
+GROUP = {"group_size": 8, "num_group": 16}
+DATA = {"NAME": "SyntheticShapes", "npoints": 128, "num_classes": 2, "samples_per_class": 2,
+        "test_per_class": 2, "base_points": 256}
+DATASET_CFG = {"train": {**DATA, "subset": "train"}, "svm_test": {**DATA, "subset": "test"}}
+MAX_EPOCH = 4
+
+
+def _config(model_cfg):
+    return {"model": model_cfg, "dataset": DATASET_CFG, "max_epoch": MAX_EPOCH, "data_root": None}
+
+
+def _save(model, model_cfg, epoch, path):
+    atomic_save({"base_model": model.state_dict(), "epoch": epoch, "config": _config(model_cfg),
+                 "model_name": type(model).__name__, "format": "geomask3d-1"}, path)
+
+
+def _pixels(path):
+    img = imread(path)
+    return img.shape[1], img.shape[0], img
+
+
+def _nonblank(img):
+    rgb = img[..., :3].reshape(-1, 3)
+    return (rgb.min(axis=1) < 0.9).mean() > 0.005 and len(np.unique(rgb.round(2), axis=0)) > 10
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny GM3D run (variant C trained with a knowledge teacher whose file is then deleted) with
+    ckpt-epoch-000/001 + ckpt-last (epoch 3) + metrics.jsonl, and a plain Point-MAE checkpoint."""
+    root = tmp_path_factory.mktemp("vis")
+    torch.manual_seed(0)
+    mae_cfg = {"NAME": "Point_MAE", **GROUP, "transformer_config": TINY_TC}
+    mae = PointMAE(**GROUP, transformer_config=TINY_TC)
+    mae_path = root / "mae" / "ckpt-last.pth"
+    _save(mae, mae_cfg, 2, mae_path)
+    (root / "mae" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"epoch": -1, "init/svm_acc": 50.0},
+        {"epoch": 0, "train/loss": 0.2, "train/chamfer_l2": 0.2, "lr": 1e-4},
+        {"epoch": 1, "train/loss": 0.1, "train/chamfer_l2": 0.1, "lr": 1e-3, "svm_acc": 60.0}]) + "\n")
+
+    teacher = root / "teacher.pth"
+    _save(mae, mae_cfg, 9, teacher)
+    gm_cfg = {"NAME": "Point_MAE_GM3D", **GROUP, "transformer_config": TINY_TC,
+              "gm3d": {"variant": "C", "gc_decoder_depth": 1, "teacher_ckpt": str(teacher)}}
+    gm = PointMAEGM3D(**GROUP, transformer_config=TINY_TC, gm3d=gm_cfg["gm3d"])
+    run = root / "gm3d"
+    for epoch, name in ((0, "ckpt-epoch-000.pth"), (1, "ckpt-epoch-001.pth"), (3, "ckpt-last.pth")):
+        with torch.no_grad():
+            for p in gm.ema.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        _save(gm, gm_cfg, epoch, run / name)
+    teacher.unlink()  # the knowledge teacher is gone: visualisation must not need it
+    records = [{"epoch": -1, "init/svm_acc": 55.0}]
+    for e in range(MAX_EPOCH):
+        records.append({"epoch": e, "train/loss": 1.0 / (e + 1), "train/loss_point": 0.1 / (e + 1),
+                        "train/loss_feat": 0.5 / (e + 1), "train/loss_gc": 0.69 - 0.01 * e,
+                        "train/n_sel": float(e), "train/gc_rank_corr": 0.1 * e, "train/ema_decay": 0.99,
+                        "lr": 1e-3, **({"svm_acc": 60.0 + e} if e % 2 else {})})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return {"root": root, "run": run, "mae": mae_path}
+
+
+# --------------------------------------------------------------------------------------- pure pieces
+def test_gc_colours_are_monotone_and_top_patch_gets_top_colour():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(16, generator=g).numpy() * 3 + 1
+    point_patch = torch.randint(0, 16, (400,), generator=g).numpy()
+    point_patch[:16] = np.arange(16)  # every patch owns a point
+    cmap = colormaps[vis.GC_CMAP]
+    for mode in ("panel", "rank", "global"):
+        rgba, value = vis.gc_colors(scores, point_patch, mode=mode, vmin=scores.min(), vmax=scores.max())
+        order = np.argsort(scores[point_patch], kind="stable")
+        assert np.all(np.diff(value[order]) >= 0), mode                      # monotone in the score
+        top = point_patch == scores.argmax()
+        np.testing.assert_allclose(rgba[top], np.broadcast_to(cmap(1.0), rgba[top].shape))
+        bottom = point_patch == scores.argmin()
+        np.testing.assert_allclose(rgba[bottom], np.broadcast_to(cmap(0.0), rgba[bottom].shape))
+    # the colours themselves follow the colormap's order: larger score -> later colormap entry
+    lut = cmap(np.linspace(0, 1, 256))
+    rgba, _ = vis.gc_colors(scores, np.arange(16))
+    pos = [np.abs(lut - c).sum(1).argmin() for c in rgba]
+    assert np.all(np.diff(np.array(pos)[np.argsort(scores)]) >= 0)
+
+
+def test_normalize_scores_edge_cases():
+    np.testing.assert_allclose(vis.normalize_scores([2.0, 2.0, 2.0]), [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(vis.normalize_scores([1.0, 3.0, 2.0]), [0.0, 1.0, 0.5])
+    np.testing.assert_allclose(vis.normalize_scores([1.0, 1.0, 5.0], "rank"), [0.25, 0.25, 1.0])
+    np.testing.assert_allclose(vis.normalize_scores([0.0, 10.0], "global", vmin=0.0, vmax=5.0), [0.0, 1.0])
+    with pytest.raises(ValueError):
+        vis.normalize_scores([1.0], "sideways")
+
+
+def test_patch_of_point_is_nearest_centre():
+    center = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]])
+    pts = torch.tensor([[0.1, 0, 0], [0.9, 0.1, 0], [0, 0.8, 0.1], [0.4, 0, 0]])
+    assert vis.patch_of_point(pts, center).tolist() == [0, 1, 2, 0]
+
+
+def test_thin_keeps_first_and_last():
+    assert vis.thin(list(range(10)), 4) == [0, 3, 6, 9]
+    assert vis.thin([1, 2], 5) == [1, 2]
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+def test_run_checkpoints_ordered_by_epoch(runs):
+    names = [p.name for p in vis.run_checkpoints(runs["run"])]
+    assert names == ["ckpt-epoch-000.pth", "ckpt-epoch-001.pth", "ckpt-last.pth"]
+
+
+def test_load_checkpoint_without_teacher_file_is_exact_elsewhere(runs, tmp_path):
+    ck = vis.load_checkpoint(runs["run"] / "ckpt-last.pth")
+    assert ck.is_gm3d and ck.kd_dropped and ck.epoch == 3 and not ck.model.training
+    assert ck.model.masker.total_epochs == MAX_EPOCH
+    # any other stray key is still an error
+    state = torch.load(runs["run"] / "ckpt-last.pth", weights_only=True)
+    state["base_model"]["MAE_encoder.bogus"] = torch.zeros(1)
+    atomic_save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="bogus"):
+        vis.load_checkpoint(tmp_path / "bad.pth")
+
+
+# --------------------------------------------------------------------------------------- sub-commands
+def test_gc_writes_png_of_expected_size(runs, tmp_path, capsys):
+    out = tmp_path / "gc.png"
+    rc = vis.main(["gc", "--run", str(runs["run"]), "--shapes", "0", "2", "--panel", "2", "--dpi", "50",
+                   "-o", str(out)])
+    assert rc == 0
+    assert str(out) in capsys.readouterr().out
+    w, h, img = _pixels(out)
+    # 3 checkpoints x (GC, mask) panels of 2 in + 2 gaps of 0.1 in + 1 in colour bar; 2 rows of 2 + 0.4 in
+    assert (w, h) == (660, 260)
+    assert vis.gc_figsize(2, 3, 2.0) == pytest.approx((13.2, 5.2))
+    assert _nonblank(img)
+
+
+def test_gc_with_explicit_ckpts_and_train_split(runs, tmp_path):
+    out = tmp_path / "gc2.png"
+    ckpts = [str(runs["run"] / "ckpt-epoch-001.pth"), str(runs["run"] / "ckpt-epoch-000.pth")]
+    rc = vis.main(["gc", "--ckpts", *ckpts,
+                   "--split", "train", "--shapes", "1", "--panel", "2", "--dpi", "50", "-o", str(out)])
+    assert rc == 0
+    w, h, _ = _pixels(out)
+    assert (w, h) == (round((2 * 2 * 2 + 0.1 + 1.0) * 50), round((0.4 + 2.4) * 50))
+
+
+def test_gc_refuses_plain_point_mae_with_clear_error(runs, tmp_path, capsys):
+    rc = vis.main(["gc", "--ckpts", str(runs["mae"]), "-o", str(tmp_path / "x.png")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(runs["mae"]) in err and "no GC decoder" in err
+    assert not (tmp_path / "x.png").exists()
+    ck = vis.load_checkpoint(runs["mae"])
+    with pytest.raises(vis.NoGCDecoderError):
+        vis.gc_state(ck.model, torch.randn(128, 3), 0)
+
+
+@pytest.mark.parametrize("which", ["mae", "gm3d"])
+def test_recon_writes_png_for_point_mae_and_gm3d(runs, tmp_path, capsys, which):
+    ckpt = runs["mae"] if which == "mae" else runs["run"] / "ckpt-last.pth"
+    out = tmp_path / f"recon_{which}.png"
+    rc = vis.main(["recon", "--ckpt", str(ckpt), "--shapes", "0", "3", "--panel", "2", "--dpi", "50",
+                   "-o", str(out)])
+    assert rc == 0
+    assert str(out) in capsys.readouterr().out
+    w, h, img = _pixels(out)
+    assert (w, h) == (300, 260)  # 3 panels x 2 in; 0.4 in title + 2 rows x (2 + 0.4) in
+    assert _nonblank(img)
+
+
+def test_recon_state_shapes_and_mask_count(runs):
+    ck = vis.load_checkpoint(runs["run"] / "ckpt-last.pth")
+    shape = vis.load_shapes(ck.config, [0])[0]
+    st = vis.recon_state(ck, shape.points, seed=0)
+    M = int(st["mask"].sum())
+    assert M == ck.model.masker.num_masked(16) == 10
+    assert st["pred"].shape == st["target"].shape == (M, 8, 3)
+    assert st["visible"].shape == ((16 - M) * 8, 3)
+    assert np.isfinite(st["chamfer"])
+    gc = vis.gc_state(ck.model, shape.points, ck.epoch, seed=0)
+    # at epoch 3 of 4, N_sel = int(10 * 4/4 * 0.5) = 5 top-scored patches are all masked
+    assert gc["n_sel"] == 5 and gc["selected"].sum() == 5 and gc["mask"][gc["selected"]].all()
+    assert shape.class_name == "chair"
+
+
+@pytest.mark.parametrize("which,n_panels", [("gm3d", 8), ("mae", 4)])
+def test_curves_only_present_metrics(runs, tmp_path, capsys, which, n_panels):
+    run = runs["run"] if which == "gm3d" else runs["mae"].parent
+    panels = vis.curve_panels(vis.read_metrics(run))
+    assert len(panels) == n_panels
+    out = tmp_path / f"curves_{which}.png"
+    rc = vis.main(["curves", "--run", str(run), "--dpi", "50", "-o", str(out)])
+    assert rc == 0
+    assert str(out) in capsys.readouterr().out
+    w, h, img = _pixels(out)
+    rows = -(-n_panels // 3)
+    assert (w, h) == (round(3 * 3.6 * 50), round((rows * 2.7 + 0.4) * 50))
+    assert _nonblank(img)
+
+
+def test_curves_missing_file_is_clear(tmp_path, capsys):
+    assert vis.main(["curves", "--run", str(tmp_path)]) == 2
+    assert "metrics file not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------- training hook
+def test_gc_panel_evaluator_writes_file_and_returns_empty(runs, tmp_path):
+    ck = vis.load_checkpoint(runs["run"] / "ckpt-epoch-001.pth")
+    model = ck.model.train()
+    dataset = build_dataset(DATASET_CFG["svm_test"])
+    ev = vis.GCPanelEvaluator(dataset, every=2, out_dir=tmp_path / "vis", num_shapes=2)
+    assert ev.name == "gc_vis" and ev.every == 2
+    rng = torch.get_rng_state()
+    assert ev(model, 1) == {}
+    assert torch.equal(rng, torch.get_rng_state())  # the training RNG is untouched
+    assert model.training and not model.ema.training  # mode restored
+    path = tmp_path / "vis" / "gc_epoch_001.png"
+    w, h, img = _pixels(path)
+    assert path.stat().st_size > 0 and _nonblank(img)
+    assert (w, h) == (round((2 * 2.2 + 1.0) * 100), round((0.4 + 2 * 2.6) * 100))
+
+
+def test_gc_panel_evaluator_warns_once_for_point_mae(runs, tmp_path, caplog):
+    ck = vis.load_checkpoint(runs["mae"])
+    dataset = build_dataset(DATASET_CFG["svm_test"])
+    ev = vis.GCPanelEvaluator(dataset, every=1, out_dir=tmp_path / "vis")
+    with caplog.at_level(logging.WARNING, logger="tools.visualize"):
+        assert ev(ck.model, 0) == {}
+        assert ev(ck.model, 1) == {}
+    assert sum("no GC decoder" in r.getMessage() for r in caplog.records) == 1
+    assert not (tmp_path / "vis").exists() or not any((tmp_path / "vis").iterdir())
+
+
+def test_gc_panel_evaluator_before_training_uses_a_random_mask(runs, tmp_path):
+    ck = vis.load_checkpoint(runs["run"] / "ckpt-epoch-000.pth")
+    dataset = build_dataset(DATASET_CFG["svm_test"])
+    st = vis.gc_state(ck.model, vis.shapes_from_dataset(dataset, [0])[0].points, -1)
+    assert st["n_sel"] == 0 and not st["selected"].any() and st["n_masked"] == 10
+    ev = vis.GCPanelEvaluator(dataset, every=1, out_dir=tmp_path, num_shapes=1)
+    assert ev(ck.model, -1) == {}
+    assert (tmp_path / "gc_epoch_init.png").stat().st_size > 0
+
+
+def test_recon_variant_b_uses_the_knowledge_teachers_point_head(tmp_path):
+    torch.manual_seed(0)
+    mae_cfg = {"NAME": "Point_MAE", **GROUP, "transformer_config": TINY_TC}
+    teacher = tmp_path / "teacher.pth"
+    _save(PointMAE(**GROUP, transformer_config=TINY_TC), mae_cfg, 9, teacher)
+    g = {"variant": "B", "gc_decoder_depth": 1, "teacher_ckpt": str(teacher)}
+    model = PointMAEGM3D(**GROUP, transformer_config=TINY_TC, gm3d=g)
+    _save(model, {"NAME": "Point_MAE_GM3D", **GROUP, "transformer_config": TINY_TC, "gm3d": g}, 1,
+          tmp_path / "b.pth")
+    teacher.unlink()
+    ck = vis.load_checkpoint(tmp_path / "b.pth")
+    assert ck.variant == "B" and ck.kd_dropped and ck.point_head is not None
+    torch.testing.assert_close(ck.point_head.weight, model.knowledge_teacher.increase_dim[0].weight)
+    st = vis.recon_state(ck, vis.load_shapes(ck.config, [0])[0].points)
+    assert st["pred"].shape == (10, 8, 3) and np.isfinite(st["pred"]).all()
