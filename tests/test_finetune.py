@@ -240,8 +240,11 @@ def test_accuracy_metrics_and_evaluator():
     m = accuracy_metrics(logits, torch.tensor([0, 1, 1, 1]))
     assert m["test_acc"] == 50.0 and abs(m["test_macc"] - 100 * (1 + 1 / 3) / 2) < 1e-4
     ev = AccuracyEvaluator(ListData(), 128, name="val", batch_size=4)
-    out = ev(tiny_classifier(), 0)
+    model = tiny_classifier()
+    out = ev(model, 0)
     assert set(out) == {"val_acc", "val_macc"} and 0 <= out["val_acc"] <= 100
+    ref = accuracy_metrics(*predict_logits(model, ListData(), 128, batch_size=3), "val")
+    assert ev(model, 1) == out and abs(ref["val_acc"] - out["val_acc"]) < 1e-9
 
 
 # ------------------------------------------------------------------------------------------ linear SVM

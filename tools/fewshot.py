@@ -169,12 +169,13 @@ def run_fewshot(config: str, opts: list[str], *, exp_name: str = "default", run_
                 ckpt: str | None = None, scratch: bool = False, way: int | None = None, shot: int | None = None,
                 fold: int | None = None) -> dict[str, Any]:
     """Run the few-shot settings of a config (or the one given) over their folds; print mean ± std."""
-    from tools.finetune import mean_std
+    from tools.finetune import check_best_metric, mean_std
     from tools.runs import prepare_run
     from utils import dist
 
     # resume=True: a few-shot run folder continues fold by fold (finished folds are skipped)
     cfg, device, out = prepare_run(config, opts, exp_name=exp_name, run_dir=run_dir, resume=True, kind="fewshot")
+    check_best_metric(cfg, ("test_acc",))
     fs = cfg.finetune.fewshot
     folds = int(fs.folds)
     fold_ids = [fold] if fold is not None else list(range(folds))

@@ -38,7 +38,7 @@ from utils.misc import derive_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["default_point_all", "fps_to", "TrainSampling", "AccuracyEvaluator", "predict_logits",
+__all__ = ["check_best_metric", "default_point_all", "fps_to", "TrainSampling", "AccuracyEvaluator", "predict_logits",
            "vote_logits", "accuracy_metrics", "run_finetune", "build_finetune_model"]
 
 
@@ -171,16 +171,23 @@ def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, prefix: str = "
 
 class AccuracyEvaluator:
     """Engine evaluator: plain (FPS) accuracy on ``dataset`` every ``every`` epochs -> ``{name}_acc``,
-    ``{name}_macc``."""
+    ``{name}_macc``. The FPS-sampled test clouds are computed once and kept on the device (they are
+    deterministic), so later evaluations only run the model."""
 
     def __init__(self, dataset: Dataset, npoints: int, *, name: str = "test", every: int = 1,
                  batch_size: int = 64, device: torch.device = torch.device("cpu")):
         self.dataset, self.npoints, self.name, self.every = dataset, npoints, name, every
         self.batch_size, self.device = batch_size, device
+        self._batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
+    @torch.no_grad()
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
-        logits, labels = predict_logits(model, self.dataset, self.npoints, batch_size=self.batch_size,
-                                        device=self.device)
+        if self._batches is None:
+            self._batches = [(fps_to(b["points"].to(self.device), self.npoints), b["label"].reshape(-1))
+                             for b in _loader(self.dataset, self.batch_size)]
+        with _eval_mode(model):
+            logits = torch.cat([model.logits(pts).float().cpu() for pts, _ in self._batches])
+        labels = torch.cat([y for _, y in self._batches])
         return accuracy_metrics(logits, labels, self.name)
 
 
@@ -194,6 +201,8 @@ def build_finetune_model(cfg: Mapping[str, Any], *, ckpt: str | None = None, scr
     if bool(ckpt) == bool(scratch):
         raise ConfigError("fine-tuning needs exactly one of --finetune CKPT (pre-trained encoder) or --scratch "
                           "(random initialisation)")
+    if cfg["finetune"]["source"] not in ("student", "ema"):
+        raise ConfigError(f"finetune.source must be 'student' or 'ema', got {cfg['finetune']['source']!r}")
     torch.manual_seed(int(cfg["seed"]))
     model = build_model_from_cfg(cfg)
     if not hasattr(model, "logits"):
@@ -204,6 +213,13 @@ def build_finetune_model(cfg: Mapping[str, Any], *, ckpt: str | None = None, scr
         info = load_pretrained_encoder(model, ckpt, source=cfg["finetune"]["source"])
         info["init"] = str(ckpt)
     return model, info
+
+
+def check_best_metric(cfg: Mapping[str, Any], allowed=("test_acc", "test_macc", "val_acc", "val_macc")) -> None:
+    """Fine-tuning selects ckpt-best on an accuracy it computes; anything else is a config error."""
+    if cfg["eval"]["best_metric"] not in allowed:
+        raise ConfigError(f"eval.best_metric is '{cfg['eval']['best_metric']}'; fine-tuning produces "
+                          f"{', '.join(allowed)} (val_* with a dataset.val section); set eval.best_metric: test_acc")
 
 
 def _check_classes(model: nn.Module, dataset: Dataset, what: str) -> None:
@@ -237,8 +253,9 @@ def run_finetune(config: str, opts: list[str], *, exp_name: str = "default", run
     from tools.runs import prepare_run
     from utils import dist
 
-    # --test writes only test.log / summary-test.json, so an existing training run folder is fine
-    cfg, device, out = prepare_run(config, opts, exp_name=exp_name, run_dir=run_dir, resume=resume or bool(test),
+    if test and run_dir is None:  # keep a training run's folder (and its config.yaml) untouched
+        run_dir = str(Path("experiments") / Path(config).stem / f"{exp_name}_test")
+    cfg, device, out = prepare_run(config, opts, exp_name=exp_name, run_dir=run_dir, resume=resume,
                                    kind="test" if test else "finetune")
     fc = cfg.finetune
     npoints = int(cfg.npoints)
@@ -270,9 +287,7 @@ def run_finetune(config: str, opts: list[str], *, exp_name: str = "default", run
     if cfg.dataset.get("val"):
         evaluators.insert(0, AccuracyEvaluator(build_split(cfg, "val"), npoints, name="val",
                                                every=int(fc.eval_every), batch_size=int(fc.eval_bs), device=device))
-    if cfg.eval.best_metric not in (None, "test_acc", "val_acc", "test_macc", "val_macc"):
-        raise ConfigError(f"eval.best_metric is '{cfg.eval.best_metric}'; fine-tuning produces test_acc / test_macc "
-                          f"(and val_acc / val_macc with a dataset.val section)")
+    check_best_metric(cfg)
     transform = TrainSampling(npoints, fc.point_all, build_transform(cfg))
     trainer = Trainer(cfg, model, train_set, out, evaluators=evaluators, transform=transform, resume=resume,
                       device=device)
