@@ -309,10 +309,13 @@ def test_cli_finetune_then_test_only_with_voting(tmp_path):
     tested = json.loads((tmp_path / "test" / "summary-test.json").read_text())
     assert abs(tested["test_acc"] - summary["last"]["test_acc"]) < 1e-6   # same model, same deterministic test
 
+    val = "{NAME: SyntheticShapes, subset: test, num_classes: 3, test_per_class: 2, base_points: 256, npoints: 256, seed: 1}"
     s = cli("--config", "cfgs/finetune/quickstart_cls.yaml", "--scratch", "--run_dir", tmp_path / "scratch",
-            *TINY, *TINY_DATA, "max_epoch=1")
+            *TINY, *TINY_DATA, "max_epoch=1", f"dataset.val={val}", "eval.best_metric=val_acc")
     assert s.returncode == 0, s.stdout + s.stderr
-    assert json.loads((tmp_path / "scratch" / "summary.json").read_text())["init"] == "scratch"
+    assert "selected on dataset.val" in s.stdout and "test accuracy at that epoch (0)" in s.stdout
+    scratch = json.loads((tmp_path / "scratch" / "summary.json").read_text())
+    assert scratch["init"] == "scratch" and "val_acc" in scratch["last"] and "test_acc" in scratch["last"]
 
     bad = cli("--config", "cfgs/finetune/quickstart_cls.yaml", "--run_dir", tmp_path / "none", *TINY)
     assert bad.returncode != 0 and "--finetune CKPT, --scratch" in bad.stderr

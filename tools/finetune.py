@@ -260,6 +260,10 @@ def run_finetune(config: str, opts: list[str], *, exp_name: str = "default", run
     fc = cfg.finetune
     npoints = int(cfg.npoints)
     do_vote = bool(vote or fc.vote)
+    if not test:
+        check_best_metric(cfg)
+        if str(cfg.eval.best_metric).startswith("val") and not cfg.dataset.get("val"):
+            raise ConfigError(f"eval.best_metric is {cfg.eval.best_metric} but the config has no dataset.val section")
     test_set = build_split(cfg, "test")
     if test:
         torch.manual_seed(int(cfg.seed))
@@ -287,13 +291,14 @@ def run_finetune(config: str, opts: list[str], *, exp_name: str = "default", run
     if cfg.dataset.get("val"):
         evaluators.insert(0, AccuracyEvaluator(build_split(cfg, "val"), npoints, name="val",
                                                every=int(fc.eval_every), batch_size=int(fc.eval_bs), device=device))
-    check_best_metric(cfg)
     transform = TrainSampling(npoints, fc.point_all, build_transform(cfg))
     trainer = Trainer(cfg, model, train_set, out, evaluators=evaluators, transform=transform, resume=resume,
                       device=device)
     summary = trainer.fit()
     summary.update({"mode": "finetune", "init": info["init"], "init_layout": info.get("layout"),
                     "left_at_init": info.get("missing")})
+    best = next((r for r in trainer.history if r.get("epoch") == summary.get("best_epoch")), {})
+    summary["test_acc_at_best"] = best.get("test_acc")
     if do_vote and dist.is_main_process():
         summary["votes"] = int(fc.votes)
         summary["vote_last"] = _vote_report(model, test_set, cfg, device)["vote_acc"]
@@ -329,6 +334,9 @@ def _report(summary: dict[str, Any], out: Path, name: str) -> None:
             split = "the test split: optimistic, the official protocol" if key.startswith("test") else "dataset.val"
             lines.append(f"{key.replace('_', ' ')}, best epoch ({summary['best_epoch']}, selected on {split}): "
                          f"{summary['best_value']:.2f} %")
+            if key != "test_acc" and summary.get("test_acc_at_best") is not None:
+                lines.append(f"test accuracy at that epoch ({summary['best_epoch']}): "
+                             f"{summary['test_acc_at_best']:.2f} %")
         if "vote_last" in summary:
             lines.append(f"test accuracy with voting ({summary['votes']} votes, seeded), last epoch "
                          f"({summary['last_epoch']}): {summary['vote_last']:.2f} %")
