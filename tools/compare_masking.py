@@ -64,33 +64,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="cfgs/pretrain/quickstart.yaml", help="Point-MAE pre-training config")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="experiments/compare_masking", help="folder for the runs and compare.md")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run in parallel (use threads=1 per run)")
     p.add_argument("--equal-time", action="store_true", help="add a random-masking arm given gm3d's wall-clock")
-    p.add_argument("--gm3d", nargs="*", default=["model.gm3d.gc_decoder_depth=2"],
+    p.add_argument("--gm3d", nargs="*", default=["model.gm3d.gc_decoder_depth=2", "model.gm3d.ema_decay_start=0.99",
+                                                 "model.gm3d.ema_decay_end=0.995"],
                    help="overrides for both gm3d arms")
     p.add_argument("opts", nargs="*", help="overrides for every arm (e.g. max_epoch=10 dataset.train.partial=0.3)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gm3d_common = ["model.NAME=Point_MAE_GM3D", "model.transformer_config.mask_type=gm3d", *args.gm3d]
-    results: dict[str, list[dict]] = {}
-    for seed in args.seeds:
+    def one_seed(seed: int) -> dict[str, dict]:
         common = [f"seed={seed}", *args.opts]
-        rnd = run_arm(args.config, out / f"random_s{seed}", common)
-        results.setdefault("random", []).append(rnd)
-        a = run_arm(args.config, out / f"gm3d_s{seed}", [*common, *gm3d_common, "model.gm3d.variant=A",
-                                                         "model.gm3d.lambda_point=1.0"])
-        results.setdefault("gm3d (no KD)", []).append(a)
+        res = {"random": run_arm(args.config, out / f"random_s{seed}", common)}
+        res["gm3d (no KD)"] = run_arm(args.config, out / f"gm3d_s{seed}",
+                                      [*common, *gm3d_common, "model.gm3d.variant=A", "model.gm3d.lambda_point=1.0"])
         teacher = out / f"random_s{seed}" / "ckpt-last.pth"
-        c = run_arm(args.config, out / f"gm3d_kd_s{seed}", [*common, *gm3d_common, "model.gm3d.variant=C",
-                                                            f"model.gm3d.teacher_ckpt={teacher}"])
-        c = {**c, "wall_s_with_teacher": c["wall_s"] + rnd["wall_s"]}
-        results.setdefault("gm3d + KD (teacher = random run)", []).append(c)
+        c = run_arm(args.config, out / f"gm3d_kd_s{seed}",
+                    [*common, *gm3d_common, "model.gm3d.variant=C", f"model.gm3d.teacher_ckpt={teacher}"])
+        res["gm3d + KD (teacher = random run)"] = {**c, "wall_s_with_teacher": c["wall_s"] + res["random"]["wall_s"]}
         if args.equal_time:
-            epochs = rnd["last_epoch"] + 1
-            eq_epochs = max(epochs, round(epochs * a["wall_s"] / rnd["wall_s"]))
-            e = run_arm(args.config, out / f"random_eqtime_s{seed}",
-                        [*common, f"max_epoch={eq_epochs}", f"scheduler.kwargs.epochs={eq_epochs}"])
-            results.setdefault(f"random, equal time ({eq_epochs} epochs)", []).append(e)
+            epochs = res["random"]["last_epoch"] + 1
+            eq_epochs = max(epochs, round(epochs * res["gm3d (no KD)"]["wall_s"] / res["random"]["wall_s"]))
+            res["random, equal time"] = run_arm(args.config, out / f"random_eqtime_s{seed}",
+                                                [*common, f"max_epoch={eq_epochs}",
+                                                 f"scheduler.kwargs.epochs={eq_epochs}"])
+        return res
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        per_seed = list(pool.map(one_seed, args.seeds))
+    results: dict[str, list[dict]] = {}
+    for res in per_seed:
+        for arm, r in res.items():
+            results.setdefault(arm, []).append(r)
 
     from utils.config import load_config
     cfg = load_config(args.config, args.opts)
