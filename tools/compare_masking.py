@@ -2,7 +2,7 @@
 
 For every seed, on the same config and epochs:
   * ``random``       Point-MAE, random masking;
-  * ``gm3d``         GeoMask3D masking, no knowledge distillation (variant A, ``lambda_point`` 1);
+  * ``gm3d``         GeoMask3D masking, no knowledge distillation (variant A: Chamfer x1000 + GC ranking);
   * ``gm3d+kd``      GeoMask3D variant C, whose frozen knowledge teacher is that seed's ``random`` run
                      (so this arm builds on a finished Point-MAE pre-training: its cost is counted
                      with the teacher's time included);
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         common = [f"seed={seed}", *args.opts]
         res = {"random": run_arm(args.config, out / f"random_s{seed}", common)}
         res["gm3d (no KD)"] = run_arm(args.config, out / f"gm3d_s{seed}",
-                                      [*common, *gm3d_common, "model.gm3d.variant=A", "model.gm3d.lambda_point=1.0"])
+                                      [*common, *gm3d_common, "model.gm3d.variant=A"])
         teacher = out / f"random_s{seed}" / "ckpt-last.pth"
         c = run_arm(args.config, out / f"gm3d_kd_s{seed}",
                     [*common, *gm3d_common, "model.gm3d.variant=C", f"model.gm3d.teacher_ckpt={teacher}"])
