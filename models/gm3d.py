@@ -254,7 +254,7 @@ class PointMAEGM3D(PointMAE):
         M = int(mask[0].sum())
 
         x_vis = self.MAE_encoder(p.neighborhood, p.center, mask)
-        f_hat = self.decode(x_vis, p.center, mask, self.mask_token, self.MAE_decoder)[:, -M:]    # (B, M, C)
+        f_hat = self.decode(x_vis, p.center, mask, self.mask_token, self.MAE_decoder, M)           # (B, M, C)
         gc_tokens = self.decode(x_vis, p.center, mask, self.mask_token_loss_pred, self.MAE_decoder_loss_pred)
         g_hat = self.increase_dim_2(gc_tokens)[:, -M:]                                            # (B, M)
         target = p.neighborhood[mask].view(B * M, K, 3).float()

@@ -18,8 +18,12 @@ def _pointwise(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     return F.linear(x, conv.weight.squeeze(-1), conv.bias)
 
 
-def _bn_channels_last(x: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
-    """BatchNorm1d over the last dim of ``x`` (..., C): same statistics as BN on (N, C, L)."""
+def _bn_relu_channels_last(x: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
+    """ReLU(BatchNorm1d) over the last dim of ``x`` (..., C): same statistics as BN on (N, C, L).
+
+    The ReLU runs in place on the BatchNorm output before it is reshaped back (in place on the
+    reshaped view would make autograd copy the whole activation in backward).
+    """
     shape = x.shape
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -27,7 +31,16 @@ def _bn_channels_last(x: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
     use_batch_stats = bn.training or not bn.track_running_stats
     y = F.batch_norm(x.reshape(-1, shape[-1]), bn.running_mean, bn.running_var, bn.weight, bn.bias,
                      use_batch_stats, momentum, bn.eps)
-    return y.reshape(shape)
+    return F.relu(y, inplace=True).view(shape)
+
+
+def _max_pool(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """Max over ``dim``. With autograd: ``max`` (its backward routes the gradient to one arg-max, as
+    the official ``torch.max``, and is ~2.5x cheaper than ``amax``'s tie-splitting backward on CPU);
+    without: ``amax`` (same values, ~5x faster than ``max``, which also computes indices)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return x.max(dim=dim, keepdim=keepdim)[0]
+    return x.amax(dim=dim, keepdim=keepdim)
 
 
 class PatchEmbed(nn.Module):
@@ -35,7 +48,9 @@ class PatchEmbed(nn.Module):
 
     conv(3->128) BN ReLU conv(128->256), max-pool, concat [global, local] (512), conv(512->512) BN ReLU
     conv(512->C), max-pool. Implemented channels-last with matmuls (no transposes); parameters and
-    buffers are ordinary Conv1d / BatchNorm1d modules, so keys and numerics match the official model.
+    buffers are ordinary Conv1d / BatchNorm1d modules, so keys and numerics match the official model
+    (up to float rounding: the concat is folded into conv3, see ``forward``; max-pools see
+    :func:`_max_pool`).
 
     Args:
         encoder_channel: output token width C.
@@ -54,13 +69,17 @@ class PatchEmbed(nn.Module):
         """(B, G, K, 3) centre-relative patches -> (B, G, C) tokens."""
         c1, bn1, _, c2 = self.first_conv
         c3, bn2, _, c4 = self.second_conv
-        x = F.relu(_bn_channels_last(_pointwise(point_groups, c1), bn1))
+        x = _bn_relu_channels_last(_pointwise(point_groups, c1), bn1)
         x = _pointwise(x, c2)                                    # (B, G, K, 256)
-        glob = x.amax(dim=-2, keepdim=True).expand_as(x)
-        x = torch.cat([glob, x], dim=-1)                         # (B, G, K, 512)
-        x = F.relu(_bn_channels_last(_pointwise(x, c3), bn2))
+        glob = _max_pool(x, -2, keepdim=True)                    # (B, G, 1, 256)
+        # conv3 on [global ; local] = W[:, :256] @ global + W[:, 256:] @ local + b: the global half is
+        # computed once per patch instead of once per point (-26 % FLOPs, no (B, G, K, 512) concat).
+        w3 = c3.weight.squeeze(-1)
+        half = glob.shape[-1]
+        x = F.linear(x, w3[:, half:]).add_(F.linear(glob, w3[:, :half], c3.bias))
+        x = _bn_relu_channels_last(x, bn2)
         x = _pointwise(x, c4)                                    # (B, G, K, C)
-        return x.amax(dim=-2)
+        return _max_pool(x, -2)
 
 
 class PosEmbed(nn.Sequential):
@@ -110,10 +129,23 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, n_query: int = 0) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C); with ``n_query`` only the last ``n_query`` tokens are queries
+        (every token is still a key and value) and the output is (B, n_query, C)."""
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
+        h = self.num_heads
+        if n_query:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, -n_query:], w[:C], None if b is None else b[:C])
+            q = q.view(B, n_query, h, C // h).transpose(1, 2)
+            kv = F.linear(x, w[C:], None if b is None else b[C:]).view(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4)
+            k, v = kv[0], kv[1]
+            if attn_mask is not None:
+                attn_mask = attn_mask[..., -n_query:, :]
+            N = n_query
+        else:
+            q, k, v = self.qkv(x).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -128,8 +160,11 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.attn = Attention(dim, num_heads)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, n_query: int = 0) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C), or (B, n_query, C): the last ``n_query`` tokens only (all tokens
+        are attended to; the other rows' outputs, which nobody reads, are not computed)."""
+        y = self.attn(self.norm1(x), attn_mask, n_query)
+        x = (x[:, -n_query:] if n_query else x) + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -168,9 +203,13 @@ class TransformerDecoder(nn.Module):
         self.head = nn.Identity()
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, return_token_num: int = 0) -> torch.Tensor:
-        """Run all blocks; return the last ``return_token_num`` tokens normalised (all if 0)."""
-        for block in self.blocks:
-            x = block(x + pos)
-        if return_token_num:
+        """Run all blocks; return the last ``return_token_num`` tokens normalised (all if 0).
+
+        With ``return_token_num`` the last block computes only those rows (same values).
+        """
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x + pos, n_query=return_token_num if i == last else 0)
+        if return_token_num and last < 0:
             x = x[:, -return_token_num:]
         return self.head(self.norm(x))

@@ -176,14 +176,18 @@ class PointMAE(nn.Module):
         return group(points, self.num_group, self.group_size)
 
     def decode(self, x_vis: torch.Tensor, center: torch.Tensor, mask: torch.Tensor,
-               mask_token: torch.Tensor, decoder: nn.Module) -> torch.Tensor:
-        """[visible tokens ; mask tokens] with the decoder positions -> (B, G, C), visible first."""
+               mask_token: torch.Tensor, decoder: nn.Module, return_token_num: int = 0) -> torch.Tensor:
+        """[visible tokens ; mask tokens] with the decoder positions -> (B, G, C), visible first.
+
+        ``return_token_num`` > 0 returns only the last that many tokens (B, n, C), the decoded mask
+        tokens when it equals the masked count; the decoder then skips the other rows' last block.
+        """
         B, n_vis, C = x_vis.shape
         n_mask = mask.shape[1] - n_vis
         pos = self.decoder_pos_embed(torch.cat([center[~mask].view(B, n_vis, 3),
                                                 center[mask].view(B, n_mask, 3)], 1))
         x = torch.cat([x_vis, mask_token.to(x_vis.dtype).expand(B, n_mask, C)], 1)
-        return decoder(x, pos)
+        return decoder(x, pos, return_token_num)
 
     def reconstruct(self, decoded_masked: torch.Tensor) -> torch.Tensor:
         """(B, M, C) decoded mask tokens -> (B, M, K, 3) predicted patches."""
@@ -219,7 +223,7 @@ class PointMAE(nn.Module):
         mask = self.masker(p.center, generator=generator, epoch=epoch)
         x_vis = self.MAE_encoder(p.neighborhood, p.center, mask)
         n_mask = int(mask[0].sum())
-        decoded = self.decode(x_vis, p.center, mask, self.mask_token, self.MAE_decoder)[:, -n_mask:]
+        decoded = self.decode(x_vis, p.center, mask, self.mask_token, self.MAE_decoder, n_mask)
         pred = self.reconstruct(decoded)
         B = points.shape[0]
         target = p.neighborhood[mask].view(B, n_mask, self.group_size, 3)

@@ -1,0 +1,464 @@
+"""Time one full pre-training step (Point-MAE, GM3D) against an "official-formulation" baseline.
+
+    python bench/pretrain_step.py [--device cpu|cuda] [--repeats N] [--warmup W]
+                                  [--configs paper quickstart gm3d] [--precisions fp32 bf16]
+                                  [--threads T] [--quick]
+
+One step is what the training engine does per iteration: the batch augmentation, the forward under
+autocast (``tools.engine.autocast_context``), backward, gradient clipping when the config sets
+``grad_norm_clip`` (GM3D), AdamW step, ``zero_grad`` and, for GM3D, the EMA-teacher update.
+
+Rows (each at fp32 and at bf16 autocast):
+
+* ``paper``: cfgs/pretrain/point_mae.yaml (64 groups x 32, trans_dim 384, depth 12, decoder 4) at
+  batch 32 x 1024 points.
+* ``quickstart``: cfgs/pretrain/quickstart.yaml at its own batch size and npoints.
+* ``gm3d``: cfgs/pretrain/point_mae_gm3d.yaml (variant C, gc_decoder_depth 12), batch 32 x 1024, at
+  epoch 200 of 400 so the teacher's scores choose part of the mask; the knowledge teacher is a
+  randomly initialised Point-MAE saved to a temporary checkpoint.
+
+Each project step is timed against a baseline measured in the same run, built from the project's
+own modules but with the known costs of the official Point-MAE / GM3D code put back (see
+:func:`officialize`): every patch embedded then the visible ones kept, Conv1d patch embedding on the
+(B*G, C, K) layout, attention as explicit ``softmax(QK^T)V``, kNN as a per-sample Python loop,
+per-sample numpy masks, a per-sample augmentation loop; for GM3D also the EMA teacher's unused
+reconstruction decoder, the grouping computed a second time for the teacher, and the EMA update as
+a Python loop over the state dict (timm ``ModelEma``). The official CUDA kernels (FPS, Chamfer) have
+no CPU version; both sides use the project's ops for those.
+
+Project and baseline steps alternate within every repeat, so a busy shared machine slows both
+alike; still, on a shared 2-core CPU treat differences under ~1.2x as noise and re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np
+import torch
+from torch import nn
+
+from datasets.transforms import ScaleAndTranslate, pc_norm
+from extensions import Patches, fps, gather
+from models import build_model
+from models.gm3d import PointMAEGM3D
+from models.layers import Attention, PatchEmbed, TransformerDecoder
+from models.point_mae import PointMAE
+from tools import checkpoint as ckpt_io
+from tools.engine import autocast_context
+from tools.optim import build_optimizer
+from utils.config import load_config
+
+CONFIG_FILES = {
+    "paper": "cfgs/pretrain/point_mae.yaml",
+    "quickstart": "cfgs/pretrain/quickstart.yaml",
+    "gm3d": "cfgs/pretrain/point_mae_gm3d.yaml",
+}
+PAPER_BATCH = 32          # the batch the official timings in issues 2 and 3 were taken at
+GM3D_EPOCH, GM3D_EPOCHS = 200, 400
+
+
+# ---------------------------------------------------------------------------------------------
+# The official formulation, rebuilt from the project's modules
+# ---------------------------------------------------------------------------------------------
+class OfficialPatchEmbed(PatchEmbed):
+    """Mini-PointNet as the official ``Encoder`` runs it: Conv1d on (B*G, C, K), max, concat."""
+
+    def forward(self, point_groups: torch.Tensor) -> torch.Tensor:
+        B, G, K, _ = point_groups.shape
+        x = point_groups.reshape(B * G, K, 3).transpose(2, 1)
+        f = self.first_conv(x)                                          # (BG, 256, K)
+        f_global = torch.max(f, dim=2, keepdim=True)[0]
+        f = torch.cat([f_global.expand(-1, -1, K), f], dim=1)           # (BG, 512, K)
+        f = self.second_conv(f)
+        return torch.max(f, dim=2, keepdim=False)[0].reshape(B, G, self.encoder_channel)
+
+
+class OfficialAttention(Attention):
+    """timm-0.4 attention: explicit ``softmax(q k^T * scale) v``."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, n_query: int = 0) -> torch.Tensor:
+        assert n_query == 0, "the official decoder computes every row"
+        B, N, C = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).reshape(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1)) * (C // h) ** -0.5
+        if attn_mask is not None:
+            attn = attn + attn_mask
+        attn = attn.softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class OfficialDecoder(TransformerDecoder):
+    """Every block on every token, then the last ``return_token_num`` rows are kept."""
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, return_token_num: int = 0) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x + pos)
+        return self.head(self.norm(x[:, -return_token_num:] if return_token_num else x))
+
+
+def official_group(xyz: torch.Tensor, num_group: int, group_size: int) -> Patches:
+    """FPS centres, then kNN one sample at a time (KNN_CUDA's batch loop), flat batch-offset indexing."""
+    B, N, _ = xyz.shape
+    center = gather(xyz, fps(xyz, num_group))
+    with torch.no_grad():
+        idx = torch.stack([torch.cdist(center[b].float(), xyz[b].float())
+                           .topk(group_size, dim=-1, largest=False, sorted=True)[1] for b in range(B)])
+    flat = (idx + torch.arange(B, device=xyz.device).view(-1, 1, 1) * N).view(-1)
+    neighborhood = xyz.reshape(B * N, -1)[flat, :].view(B, num_group, group_size, 3).contiguous()
+    return Patches(neighborhood - center.unsqueeze(2), center, idx)
+
+
+class NumpyRandomMask:
+    """Point-MAE ``_mask_center_rand``: a {0,1} vector shuffled by numpy, one sample at a time."""
+
+    def __init__(self, ratio: float):
+        self.ratio = ratio
+
+    def __call__(self, center, *, generator=None, epoch=0, scores=None):
+        B, G, _ = center.shape
+        num_mask = int(self.ratio * G)
+        overall = np.zeros([B, G])
+        for i in range(B):
+            m = np.hstack([np.zeros(G - num_mask), np.ones(num_mask)])
+            np.random.shuffle(m)
+            overall[i, :] = m
+        return torch.from_numpy(overall).to(torch.bool).to(center.device)
+
+
+class NumpyGM3DMask:
+    """HPM/GM3D ``generate_mask``: top-N_sel teacher scores masked, the rest shuffled by numpy per sample."""
+
+    def __init__(self, project_mask):
+        self.inner = project_mask  # for num_masked / num_selected / set_total_epochs
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, center, *, generator=None, epoch=0, scores=None):
+        B, G, _ = center.shape
+        M = self.inner.num_masked(G)
+        n_sel = self.inner.num_selected(epoch, G)
+        order = np.argsort(-scores.detach().float().cpu().numpy(), axis=1)
+        overall = np.zeros([B, G])
+        for i in range(B):
+            rest = order[i, n_sel:].copy()
+            np.random.shuffle(rest)
+            overall[i, order[i, :n_sel]] = 1
+            overall[i, rest[:M - n_sel]] = 1
+        return torch.from_numpy(overall).to(torch.bool).to(center.device)
+
+
+class OfficialPointMAE(PointMAE):
+    """Point-MAE with the official per-sample kNN loop."""
+
+    def group(self, points: torch.Tensor) -> Patches:
+        return official_group(points, self.num_group, self.group_size)
+
+
+class OfficialGM3D(PointMAEGM3D):
+    """GM3D with the official path's waste: regrouping for the teacher, its unused reconstruction
+    decoder, and the EMA update as a Python loop over the state dict."""
+
+    def group(self, points: torch.Tensor) -> Patches:
+        return official_group(points, self.num_group, self.group_size)
+
+    def forward(self, batch, *, epoch=0, generator=None):
+        self._batch_points = batch["points"] if isinstance(batch, dict) else batch
+        return super().forward(batch, epoch=epoch, generator=generator)
+
+    @torch.no_grad()
+    def teacher_scores(self, neighborhood, center):
+        t = self.ema
+        p = official_group(self._batch_points, self.num_group, self.group_size)  # second grouping
+        x_all = t.MAE_encoder(p.neighborhood, p.center)
+        rec = t.MAE_decoder(x_all, t.decoder_pos_embed(p.center))             # nobody reads this
+        t.increase_dim(rec.transpose(1, 2))
+        return t.gc_scores_all(x_all, p.center).float()
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        d = self.ema_decay
+        student = dict(self._student_tensors())
+        for name, e in self.ema._student_tensors():
+            e.copy_(e * d + (1.0 - d) * student[name].detach())
+
+
+def officialize(model: nn.Module) -> nn.Module:
+    """Turn a project model into the official formulation in place (same parameters and keys)."""
+    for m in model.modules():
+        if type(m) is PatchEmbed:
+            m.__class__ = OfficialPatchEmbed
+        elif type(m) is Attention:
+            m.__class__ = OfficialAttention
+        elif type(m) is TransformerDecoder:
+            m.__class__ = OfficialDecoder
+        if hasattr(m, "embed_visible_only"):
+            m.embed_visible_only = False
+    if isinstance(model, PointMAEGM3D):
+        model.__class__ = OfficialGM3D
+        model.masker = NumpyGM3DMask(model.masker)
+    elif isinstance(model, PointMAE):
+        model.__class__ = OfficialPointMAE
+        model.masker = NumpyRandomMask(model.tc.mask_ratio)
+    return model
+
+
+def official_scale_translate(pc: torch.Tensor, generator=None) -> torch.Tensor:
+    """``PointcloudScaleAndTranslate``: numpy draws and an in-place update, one sample at a time."""
+    for i in range(pc.shape[0]):
+        s = np.random.uniform(low=2.0 / 3.0, high=3.0 / 2.0, size=[3])
+        t = np.random.uniform(low=-0.2, high=0.2, size=[3])
+        pc[i, :, 0:3] = torch.mul(pc[i, :, 0:3], torch.from_numpy(s).float().to(pc.device)) \
+            + torch.from_numpy(t).float().to(pc.device)
+    return pc
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps and timing
+# ---------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Step:
+    """One engine iteration of ``model`` on a fixed batch; ``__call__`` returns the loss."""
+
+    def __init__(self, model: nn.Module, cfg, points: torch.Tensor, precision: str, device: torch.device,
+                 augment: Callable, epoch: int = 0):
+        self.model = model.to(device).train()
+        self.opt = build_optimizer(self.model, cfg["optimizer"])
+        self.clip = cfg.get("grad_norm_clip")
+        self.points, self.precision, self.device, self.augment, self.epoch = \
+            points, precision, device, augment, epoch
+        self.gen = torch.Generator().manual_seed(0)
+        if hasattr(self.model, "on_epoch_start"):
+            self.model.on_epoch_start(epoch, GM3D_EPOCHS)
+
+    def __call__(self) -> float:
+        model, opt = self.model, self.opt
+        pts = self.augment(self.points.clone(), self.gen)
+        with autocast_context(self.device, self.precision):
+            out = model({"points": pts}, epoch=self.epoch, generator=self.gen)
+        loss = out["loss"]
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"non-finite loss {value}")
+        loss.backward()
+        if self.clip:
+            nn.utils.clip_grad_norm_(model.parameters(), float(self.clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if hasattr(model, "after_step"):
+            model.after_step()
+        synchronize(self.device)
+        return value
+
+
+def time_steps(steps: dict, warmup: int, repeats: int) -> dict:
+    """Warm every step up, then time them round-robin ``repeats`` times; seconds per step.
+
+    Round-robin (not one row after another) so that a shared machine's load, which drifts over
+    minutes, weighs on every row alike, including the GM3D / Point-MAE ratio.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict = {k: [] for k in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively (CPU: oneDNN bf16 ISA such as AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def linear_probe(device: torch.device) -> str:
+    """One encoder-sized Linear (832x384 -> 1536) forward in fp32 and under bf16 autocast, in ms."""
+    x = torch.randn(832, 384, device=device)
+    lin = nn.Linear(384, 1536).to(device)
+    out = []
+    for precision in ("fp32", "bf16"):
+        ts = []
+        with torch.no_grad(), autocast_context(device, precision):
+            for _ in range(4):
+                t0 = time.perf_counter()
+                lin(x)
+                synchronize(device)
+                ts.append(time.perf_counter() - t0)
+        out.append(f"{precision} {statistics.median(ts[1:]) * 1e3:.1f} ms")
+    return ", ".join(out)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    name = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {name}, {os.cpu_count()} logical cores"
+
+
+def model_cfg(name: str) -> dict:
+    cfg = load_config(REPO / CONFIG_FILES[name])
+    return cfg
+
+
+def make_points(batch: int, npoints: int, device: torch.device) -> torch.Tensor:
+    """Seeded clouds normalised into the unit sphere like the data pipeline (anisotropic Gaussians)."""
+    g = torch.Generator().manual_seed(1234)
+    pts = torch.randn(batch, npoints, 3, generator=g) * torch.tensor([1.0, 0.6, 0.3])
+    return torch.stack([pc_norm(p) for p in pts]).to(device)
+
+
+def build(name: str, cfg, teacher_ckpt: str | None) -> nn.Module:
+    m = dict(cfg["model"])
+    if name == "gm3d":
+        m["gm3d"] = dict(m["gm3d"], teacher_ckpt=teacher_ckpt)
+    return build_model(m)
+
+
+def write_teacher(cfg, path: str) -> None:
+    """A randomly initialised Point-MAE of the same width saved as the knowledge-teacher checkpoint."""
+    m = {k: v for k, v in dict(cfg["model"]).items() if k != "gm3d"}
+    m["NAME"] = "Point_MAE"
+    m["transformer_config"] = dict(m["transformer_config"], mask_type="rand")
+    torch.manual_seed(0)
+    ckpt_io.atomic_save({"base_model": build_model(m).state_dict()}, path)
+
+
+def fmt_ms(s: float) -> str:
+    return f"{s * 1e3:,.0f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps per row (default 5; 2 with --quick)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1)")
+    ap.add_argument("--configs", nargs="+", default=["paper", "quickstart", "gm3d"], choices=list(CONFIG_FILES))
+    ap.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16"],
+                    help="default: fp32 and bf16 where bf16 is native (GPU, AVX512-BF16/AMX CPU), else fp32")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = torch default)")
+    ap.add_argument("--batch", type=int, default=None, help="override the batch of every config")
+    ap.add_argument("--no-baseline", action="store_true", help="time the project steps only")
+    ap.add_argument("--quick", action="store_true", help="smoke run: batch 8, 1 warm-up + 2 timed steps")
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else 1
+    batch_override = args.batch or (8 if args.quick else None)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+    precisions = args.precisions
+    skipped_bf16 = None
+    if precisions is None:
+        precisions = ["fp32", "bf16"]
+        if not native_bf16(device):
+            precisions = ["fp32"]
+            skipped_bf16 = linear_probe(device)
+    load0 = os.getloadavg()
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = os.path.join(tmp, "teacher.pth")
+        cfgs = {name: model_cfg(name) for name in args.configs}
+        if "gm3d" in cfgs:
+            write_teacher(cfgs["gm3d"], teacher)
+        for precision in precisions:
+            steps: dict = {}
+            shapes: dict = {}
+            for name, cfg in cfgs.items():
+                batch = batch_override or (PAPER_BATCH if name in ("paper", "gm3d") else int(cfg["total_bs"]))
+                npoints = int(cfg["npoints"])
+                shapes[name] = (batch, npoints)
+                points = make_points(batch, npoints, device)
+                epoch = GM3D_EPOCH if name == "gm3d" else 0
+                torch.manual_seed(0)
+                steps[(name, "ours")] = Step(build(name, cfg, teacher), cfg, points, precision, device,
+                                             ScaleAndTranslate(), epoch)
+                if not args.no_baseline:
+                    torch.manual_seed(0)
+                    steps[(name, "official")] = Step(officialize(build(name, cfg, teacher)), cfg, points,
+                                                     precision, device, official_scale_translate, epoch)
+            times = time_steps(steps, warmup, repeats)
+            del steps
+            med = {k: statistics.median(v) for k, v in times.items()}
+            for (name, impl), ts in times.items():
+                base = med.get((name, "official"))
+                batch, npoints = shapes[name]
+                plain = med.get(("paper", impl))
+                rows.append({"config": name, "impl": impl, "precision": precision, "batch": batch,
+                             "npoints": npoints, "median": med[(name, impl)], "min": min(ts), "max": max(ts),
+                             "speedup": base / med[(name, impl)] if base else None,
+                             "ratio": med[(name, impl)] / plain if name == "gm3d" and plain else None})
+            print(f"  .. {precision}: " + ", ".join(f"{n}/{i} {fmt_ms(v)} ms" for (n, i), v in med.items()),
+                  file=sys.stderr, flush=True)
+    load1 = os.getloadavg()
+
+    label = {"paper": "Point-MAE", "quickstart": "Point-MAE", "gm3d": "GM3D (C, GC dec 12)"}
+    threads = torch.get_num_threads()
+    print(f"Machine: {machine(device)}; torch {torch.__version__}; {warmup} warm-up + {repeats} timed "
+          f"steps per row, all rows of a precision round-robin; 1-min load average "
+          f"{load0[0]:.1f} at start, {load1[0]:.1f} at end; total {time.perf_counter() - t_start:.0f} s.")
+    if skipped_bf16:
+        print(f"bf16 rows skipped: this CPU has no native bf16 matmul (oneDNN reports none; one "
+              f"832x384->1536 Linear: {skipped_bf16}). Force them with --precisions fp32 bf16.")
+    print()
+    print("| config | step | precision | threads | batch x points | median ms | min-max ms | samples/s "
+          "| speed-up vs official | GM3D / Point-MAE |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    order = {"paper": 0, "gm3d": 1, "quickstart": 2}
+    rows.sort(key=lambda r: (r["precision"] != "fp32", order[r["config"]], r["impl"] != "ours"))
+    for r in rows:
+        impl = "project" if r["impl"] == "ours" else "official formulation"
+        speed = f"**{r['speedup']:.2f}x**" if r["impl"] == "ours" and r["speedup"] else \
+            ("1.00x" if r["impl"] == "official" else "")
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else ""
+        prec = "bf16 autocast" if r["precision"] == "bf16" else "fp32"
+        print(f"| {r['config']} | {label[r['config']]}, {impl} | {prec} | "
+              f"{threads if device.type == 'cpu' else 'GPU'} | {r['batch']} x {r['npoints']} "
+              f"| {fmt_ms(r['median'])} | {fmt_ms(r['min'])}-{fmt_ms(r['max'])} "
+              f"| {r['batch'] / r['median']:.1f} | {speed} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
