@@ -332,7 +332,9 @@ def _report(summary: dict[str, Any], out: Path, name: str) -> None:
                          f"(mean class accuracy {last.get('test_macc', float('nan')):.2f} %)")
         if summary.get("best_value") is not None:
             split = "the test split: optimistic, the official protocol" if key.startswith("test") else "dataset.val"
-            lines.append(f"{key.replace('_', ' ')}, best epoch ({summary['best_epoch']}, selected on {split}): "
+            label = {"test_acc": "test accuracy", "val_acc": "val accuracy", "test_macc": "test mean class accuracy",
+                     "val_macc": "val mean class accuracy"}.get(key, key)
+            lines.append(f"{label}, best epoch ({summary['best_epoch']}, selected on {split}): "
                          f"{summary['best_value']:.2f} %")
             if key != "test_acc" and summary.get("test_acc_at_best") is not None:
                 lines.append(f"test accuracy at that epoch ({summary['best_epoch']}): "
