@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def run_arm(config: str, run_dir: Path, opts: list[str]) -> dict:
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Linear-SVM accuracy (%) on `{cfg.dataset.svm_test.get('NAME', '?')}` test split, mean ± std over "
         f"seeds {args.seeds}; `{args.config}` {' '.join(args.opts)}; {cfg.max_epoch} epochs; "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {cfg.precision}.",
+        f"{platform.processor() or platform.machine()}, {cfg.threads or torch.get_num_threads()} thread(s) per run, "
+        f"{args.jobs} run(s) at a time, {cfg.precision}.",
         "",
         "| arm | SVM last epoch | SVM best epoch (test-selected) | SVM random init | wall-clock per run (s) |",
         "|---|---|---|---|---|",
