@@ -129,3 +129,16 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
     trainer = Trainer(cfg, _NaNModel(), data, tmp_path)
     with pytest.raises(NonFiniteLossError, match="non-finite loss nan at epoch 0, iteration 0"):
         trainer.fit()
+
+
+def test_gm3d_cli_with_periodic_gc_panel(tiny_config, tmp_path):
+    model = {**tiny_pretrain_cfg()["model"], "NAME": "Point_MAE_GM3D", "gm3d": {"gc_decoder_depth": 1}}
+    cfg = tiny_config(model=model, max_epoch=1, vis={"gc_every": 1, "num_shapes": 1},
+                      eval={"svm_every": 1, "at_start": False})
+    run = tmp_path / "gm3d"
+    r = run_cli(["main_pretrain.py", "--config", str(cfg), "--run_dir", str(run)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (run / "vis" / "gc_epoch_000.png").stat().st_size > 0
+    row = read_metrics(run)[-1]
+    assert {"train/loss_point", "train/loss_gc", "train/n_sel", "train/gc_rank_corr", "svm_acc"} <= set(row)
+    assert "train/loss_feat" not in row  # no teacher checkpoint: variant A, KD off
