@@ -8,7 +8,9 @@ One step is what the training engine does per iteration: the batch augmentation,
 autocast (``tools.engine.autocast_context``), backward, gradient clipping when the config sets
 ``grad_norm_clip`` (GM3D), AdamW step, ``zero_grad`` and, for GM3D, the EMA-teacher update.
 
-Rows (each at fp32 and at bf16 autocast):
+Rows, each at fp32 and at bf16 autocast (bf16 by default only where it is native: a GPU, or a CPU
+with AVX512-BF16 / AMX; on an AVX2-only CPU a bf16 matmul is 5-10x slower than fp32, so those rows
+are skipped with a one-line measurement unless ``--precisions fp32 bf16`` forces them):
 
 * ``paper``: cfgs/pretrain/point_mae.yaml (64 groups x 32, trans_dim 384, depth 12, decoder 4) at
   batch 32 x 1024 points.
@@ -20,14 +22,18 @@ Rows (each at fp32 and at bf16 autocast):
 Each project step is timed against a baseline measured in the same run, built from the project's
 own modules but with the known costs of the official Point-MAE / GM3D code put back (see
 :func:`officialize`): every patch embedded then the visible ones kept, Conv1d patch embedding on the
-(B*G, C, K) layout, attention as explicit ``softmax(QK^T)V``, kNN as a per-sample Python loop,
+(B*G, C, K) layout, attention as explicit ``softmax(QK^T)V``, every decoder row computed then the
+mask tokens kept, kNN as a per-sample Python loop,
 per-sample numpy masks, a per-sample augmentation loop; for GM3D also the EMA teacher's unused
 reconstruction decoder, the grouping computed a second time for the teacher, and the EMA update as
 a Python loop over the state dict (timm ``ModelEma``). The official CUDA kernels (FPS, Chamfer) have
 no CPU version; both sides use the project's ops for those.
 
-Project and baseline steps alternate within every repeat, so a busy shared machine slows both
-alike; still, on a shared 2-core CPU treat differences under ~1.2x as noise and re-run.
+All steps of a precision run round-robin within every repeat, so a busy shared machine slows every
+row alike; still, on a shared 2-core CPU treat differences under ~1.2x as noise and re-run. On an
+oversubscribed CPU (load above the core count) use ``--threads 1`` or set ``OMP_WAIT_POLICY=PASSIVE``:
+with the default spinning OpenMP threads every parallel op waits for a descheduled sibling and
+2-thread steps run 2-10x slower than 1-thread ones (see bench/README.md).
 """
 
 from __future__ import annotations
@@ -330,9 +336,8 @@ def machine(device: torch.device) -> str:
     return f"CPU {name}, {os.cpu_count()} logical cores"
 
 
-def model_cfg(name: str) -> dict:
-    cfg = load_config(REPO / CONFIG_FILES[name])
-    return cfg
+def model_cfg(name: str):
+    return load_config(REPO / CONFIG_FILES[name])
 
 
 def make_points(batch: int, npoints: int, device: torch.device) -> torch.Tensor:
@@ -435,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
 
     label = {"paper": "Point-MAE", "quickstart": "Point-MAE", "gm3d": "GM3D (C, GC dec 12)"}
     threads = torch.get_num_threads()
-    print(f"Machine: {machine(device)}; torch {torch.__version__}; {warmup} warm-up + {repeats} timed "
+    omp = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; " if device.type == "cpu" else ""
+    print(f"Machine: {machine(device)}; torch {torch.__version__}; {omp}{warmup} warm-up + {repeats} timed "
           f"steps per row, all rows of a precision round-robin; 1-min load average "
           f"{load0[0]:.1f} at start, {load1[0]:.1f} at end; total {time.perf_counter() - t_start:.0f} s.")
     if skipped_bf16:
