@@ -26,7 +26,8 @@ own modules but with the known costs of the official Point-MAE / GM3D code put b
 mask tokens kept, kNN as a per-sample Python loop,
 per-sample numpy masks, a per-sample augmentation loop; for GM3D also the EMA teacher's unused
 reconstruction decoder, the grouping computed a second time for the teacher, and the EMA update as
-a Python loop over the state dict (timm ``ModelEma``). The official CUDA kernels (FPS, Chamfer) have
+a Python loop over the state dict (timm ``ModelEma``), and torch's default AdamW (for-loop on
+CPU, foreach on CUDA) where the project uses the fused kernel. The official CUDA kernels (FPS, Chamfer) have
 no CPU version; both sides use the project's ops for those.
 
 All steps of a precision run round-robin within every repeat, so a busy shared machine slows every
@@ -246,9 +247,11 @@ class Step:
     """One engine iteration of ``model`` on a fixed batch; ``__call__`` returns the loss."""
 
     def __init__(self, model: nn.Module, cfg, points: torch.Tensor, precision: str, device: torch.device,
-                 augment: Callable, epoch: int = 0):
+                 augment: Callable, epoch: int = 0, optimizer_impl: str = "auto"):
         self.model = model.to(device).train()
-        self.opt = build_optimizer(self.model, cfg["optimizer"])
+        opt_cfg = dict(cfg["optimizer"])
+        opt_cfg["kwargs"] = dict(opt_cfg.get("kwargs", {}), implementation=optimizer_impl)
+        self.opt = build_optimizer(self.model, opt_cfg)
         self.clip = cfg.get("grad_norm_clip")
         self.points, self.precision, self.device, self.augment, self.epoch = \
             points, precision, device, augment, epoch
@@ -422,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.no_baseline:
                     torch.manual_seed(0)
                     steps[(name, "official")] = Step(officialize(build(name, cfg, teacher)), cfg, points,
-                                                     precision, device, official_scale_translate, epoch)
+                                                     precision, device, official_scale_translate, epoch,
+                                                     optimizer_impl="default")
             times = time_steps(steps, warmup, repeats)
             del steps
             med = {k: statistics.median(v) for k, v in times.items()}

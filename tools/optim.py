@@ -28,18 +28,44 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop", "default")
+
+
+def _impl_kwargs(impl: str, params: list[torch.Tensor]) -> dict[str, bool]:
+    """torch's ``fused`` / ``foreach`` flags for ``optimizer.kwargs.implementation``.
+
+    ``auto`` is ``fused`` when every parameter is a floating-point tensor on CPU or CUDA (one kernel
+    per step instead of one per tensor; same update up to float rounding), else ``default``: torch's
+    own choice (foreach on CUDA, the for-loop on CPU), which is what the official code runs.
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ConfigError(f"optimizer.kwargs.implementation: unknown value '{impl}'; "
+                          f"expected one of {', '.join(IMPLEMENTATIONS)}")
+    if impl == "auto":
+        ok = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) \
+            and len({p.device for p in params}) == 1
+        impl = "fused" if ok else "default"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True},
+            "for-loop": {"foreach": False}}.get(impl, {})
+
+
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """``optimizer: {type: AdamW|Adam|SGD, kwargs: {lr, weight_decay, betas, momentum}}``."""
+    """``optimizer: {type: AdamW|Adam|SGD, kwargs: {lr, weight_decay, betas, momentum, implementation}}``.
+
+    Build it after the model is on its device: ``implementation: auto`` looks at the parameters.
+    """
     kind = cfg["type"]
     kw = dict(cfg.get("kwargs", {}))
     lr, wd = float(kw.pop("lr")), float(kw.pop("weight_decay", 0.0))
     groups = param_groups(model, wd)
+    params = [p for g in groups for p in g["params"]]
+    impl = _impl_kwargs(str(kw.get("implementation", "auto")), params)
     if kind == "AdamW":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(kw.get("betas", (0.9, 0.999))))
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(kw.get("betas", (0.9, 0.999))), **impl)
     if kind == "Adam":
-        return torch.optim.Adam(groups, lr=lr, betas=tuple(kw.get("betas", (0.9, 0.999))))
+        return torch.optim.Adam(groups, lr=lr, betas=tuple(kw.get("betas", (0.9, 0.999))), **impl)
     if kind == "SGD":
-        return torch.optim.SGD(groups, lr=lr, momentum=float(kw.get("momentum", 0.9)), nesterov=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=float(kw.get("momentum", 0.9)), nesterov=True, **impl)
     raise ConfigError(f"optimizer.type: unknown optimizer '{kind}'; expected AdamW, Adam or SGD")
 
 
