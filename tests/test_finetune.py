@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -267,6 +268,28 @@ def test_svm_tool_takes_an_official_checkpoint_and_any_dataset_section(tmp_path,
     pts = torch.randn(2, 128, 3)
     torch.testing.assert_close(feats.eval().extract_features(pts), mae.extract_features(pts))
     assert main(args[:4] + ["model.trans_dim=96", "model.encoder_dims=96"] + args[6:]) == 2  # wrong width
+
+
+def test_svm_features_do_not_depend_on_the_global_rng():
+    """The SVM train split draws its point subsets from (seed, epoch, index): the in-run evaluator and
+    the standalone tool see the same features whatever the global RNG did before."""
+    from datasets.synthetic import SyntheticShapes
+    from tools.eval_svm import SVMEvaluator, extract_features
+
+    kw = dict(num_classes=3, samples_per_class=6, test_per_class=3, base_points=256, npoints=128)
+    train, test = SyntheticShapes("train", **kw), SyntheticShapes("test", **kw)
+    mae = tiny_mae(depth=1).eval()
+    torch.manual_seed(0)
+    f0, y0 = extract_features(mae.extract_features, train, 8, torch.device("cpu"))
+    torch.manual_seed(1)
+    f1, y1 = extract_features(mae.extract_features, train, 8, torch.device("cpu"))
+    np.testing.assert_array_equal(f0, f1)
+    np.testing.assert_array_equal(y0, y1)
+    ev = SVMEvaluator(train, test, C=1.0, batch_size=8)
+    torch.manual_seed(2)
+    a = ev(mae, 0)
+    torch.manual_seed(3)
+    assert ev(mae, 1) == a
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -116,16 +116,26 @@ def test_train_and_test_are_disjoint(train, test):
     assert float(torch.cdist(b, a).min()) > 1e-2
 
 
-def test_test_items_deterministic_train_items_random(train, test):
+def test_test_items_deterministic_train_items_seeded_per_epoch(train, test):
     t0, t1 = test[3], test[3]
     assert torch.equal(t0["points"], t1["points"]) and torch.equal(t0["seg"], t1["seg"])
     np.testing.assert_array_equal(t0["seg"].numpy(), test.seg[3, :128])
+    # train subsets depend on (seed, epoch, index) only, not on the global RNG or the access order
     torch.manual_seed(0)
     a = train[4]
-    torch.manual_seed(0)
-    b = train[4]
-    assert torch.equal(a["points"], b["points"])
-    assert not torch.equal(train[4]["points"], a["points"])
+    torch.manual_seed(123)
+    train[5]
+    assert torch.equal(train[4]["points"], a["points"]) and torch.equal(train[4]["seg"], a["seg"])
+    assert not torch.equal(train[5]["points"], a["points"])
+    try:
+        train.set_epoch(1)
+        b = train[4]
+        assert not torch.equal(b["points"], a["points"])  # a fresh subset every epoch
+        assert b["label"] == a["label"]
+        train.set_epoch(0)
+        assert torch.equal(train[4]["points"], a["points"])
+    finally:
+        train.set_epoch(0)
 
 
 def test_bitwise_identical_in_another_process(test):
