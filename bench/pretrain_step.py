@@ -67,6 +67,7 @@ from tools import checkpoint as ckpt_io
 from tools.engine import autocast_context
 from tools.optim import build_optimizer
 from utils.config import load_config
+from utils.misc import native_bf16
 
 CONFIG_FILES = {
     "paper": "cfgs/pretrain/point_mae.yaml",
@@ -295,16 +296,6 @@ def time_steps(steps: dict, warmup: int, repeats: int) -> dict:
             step()
             times[key].append(time.perf_counter() - t0)
     return times
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively (CPU: oneDNN bf16 ISA such as AVX512-BF16 or AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def linear_probe(device: torch.device) -> str:

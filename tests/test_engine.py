@@ -142,3 +142,22 @@ def test_gm3d_cli_with_periodic_gc_panel(tiny_config, tmp_path):
     row = read_metrics(run)[-1]
     assert {"train/loss_point", "train/loss_gc", "train/n_sel", "train/gc_rank_corr", "svm_acc"} <= set(row)
     assert "train/loss_feat" not in row  # no teacher checkpoint: variant A, KD off
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_without_native_support_warns(tiny_config, tmp_path, monkeypatch, native):
+    import logging
+
+    import tools.runs as runs
+
+    monkeypatch.setattr(runs, "native_bf16", lambda device: native)
+    try:
+        _, device, out = runs.prepare_run(str(tiny_config(precision="bf16", device="cpu")), [],
+                                          run_dir=str(tmp_path / "run"))
+        text = (out / "pretrain.log").read_text()
+    finally:
+        for h in list(logging.getLogger().handlers):
+            logging.getLogger().removeHandler(h)
+            h.close()
+    assert device.type == "cpu"
+    assert ("precision bf16 on cpu without native bf16 matmuls" in text) is (not native)

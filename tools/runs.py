@@ -16,7 +16,7 @@ from utils import dist
 from utils.config import load_config, save_config
 from utils.errors import ConfigError, DataError
 from utils.logging import setup_logging
-from utils.misc import git_sha, resolve_device
+from utils.misc import git_sha, native_bf16, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ def prepare_run(config: str, opts: list[str], *, exp_name: str = "default", run_
     log.info("git %s | config %s | run %s | device %s | world %d | threads %d | precision %s",
              git_sha(), config, out, device, world, torch.get_num_threads(), cfg.precision)
     log.info("overrides: %s", " ".join(opts) or "(none)")
+    if cfg.precision == "bf16" and not native_bf16(device):
+        log.warning("precision bf16 on %s without native bf16 matmuls: autocast emulates them and runs "
+                    "several times slower than fp32 here (bench/README.md); consider precision=fp32", device)
     return cfg, device, out
 
 

@@ -18,6 +18,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively: CUDA with bf16 support, or a CPU whose oneDNN has a bf16 ISA
+    (AVX512-BF16, AMX). Elsewhere bf16 autocast emulates and runs several times slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that is a fixed function of integer parts (seed, epoch, rank, ...)."""
     h = 1469598103934665603
