@@ -148,7 +148,7 @@ def test_gm3d_cli_with_periodic_gc_panel(tiny_config, tmp_path):
 def test_bf16_without_native_support_warns(tiny_config, tmp_path, monkeypatch, native):
     import logging
 
-    import tools.runs as runs
+    from tools import runs
 
     monkeypatch.setattr(runs, "native_bf16", lambda device: native)
     try:

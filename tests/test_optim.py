@@ -28,9 +28,9 @@ def test_param_groups_follow_the_official_no_decay_rule():
     m = Tiny()
     no_decay, decay = param_groups(m, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
-    assert ids(decay["params"]) == {id(m.fc.weight)}
-    assert ids(no_decay["params"]) == {id(m.cls_token), id(m.fc.bias), id(m.norm.weight), id(m.norm.bias)}
+    assert {id(p) for p in decay["params"]} == {id(m.fc.weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(m.cls_token), id(m.fc.bias), id(m.norm.weight),
+                                                    id(m.norm.bias)}
 
 
 def _train(impl: str, steps: int = 4) -> tuple[torch.optim.Optimizer, nn.Module]:

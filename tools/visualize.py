@@ -263,8 +263,9 @@ def _shape_from_item(dataset, item: Mapping[str, Any], index: int) -> Shape:
 
 
 def shapes_from_dataset(dataset, indices: Sequence[int], seed: int = 0) -> list[Shape]:
-    """Items ``indices`` of ``dataset`` (a train split's random point subset is drawn under ``seed``,
-    without touching the global RNG)."""
+    """Items ``indices`` of ``dataset``. Data sets that seed their draws per item (all of this project's,
+    at their epoch 0) give the same points whatever ``seed``; one that draws from the global torch or
+    numpy RNG draws under ``seed``, without touching the caller's RNG state."""
     n = len(dataset)
     out = []
     for i in indices:
@@ -836,7 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--split", default=None,
                             help="data-set split of the checkpoint's config (default svm_test, else train)")
             sp.add_argument("--seed", type=int, default=0,
-                            help="seed of the mask (and of a train split's point subset)")
+                            help="seed of the mask (and of the point subset of a data set that draws from the global RNG)")
             sp.add_argument("--panel", type=float, default=panel, help="inches per 3-D panel")
             sp.add_argument("--elev", type=float, default=18.0, help="camera elevation (degrees)")
             sp.add_argument("--azim", type=float, default=-55.0, help="camera azimuth (degrees)")
