@@ -279,3 +279,31 @@ def test_recon_variant_b_uses_the_knowledge_teachers_point_head(tmp_path):
     torch.testing.assert_close(ck.point_head.weight, model.knowledge_teacher.increase_dim[0].weight)
     st = vis.recon_state(ck, vis.load_shapes(ck.config, [0])[0].points)
     assert st["pred"].shape == (10, 8, 3) and np.isfinite(st["pred"]).all()
+
+
+# --------------------------------------------------------------------------------------- gc_probe
+def test_gc_probe_correlations_recover_known_score_functions():
+    from tools.gc_probe import patch_quantities, score_correlations
+
+    g = torch.Generator().manual_seed(0)
+    center = torch.randn(3, 10, 3, generator=g)
+    nb = torch.randn(3, 10, 8, 3, generator=g)
+    nb[:, :5, :, 2] = 0.0                                   # the first five patches are planar
+    corr = score_correlations(-center[..., 0], center, nb)
+    torch.testing.assert_close(corr["x"], -torch.ones(3))
+    q = patch_quantities(center, nb)
+    assert torch.all(q["flatness"][:, :5] < 1e-6) and torch.all(q["flatness"][:, 5:] > 1e-3)
+    assert torch.all(q["flatness"] <= 1 / 3 + 1e-6)
+    corr = score_correlations(q["flatness"], center, nb)
+    torch.testing.assert_close(corr["flatness"], torch.ones(3))
+
+
+def test_gc_probe_cli(runs, capsys):
+    from tools import gc_probe
+
+    assert gc_probe.main([str(runs["run"] / "ckpt-last.pth"), "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| checkpoint | shapes | x | y | z | radius | flatness | spread |" in out
+    assert f"| {runs['run'] / 'ckpt-last.pth'} | 3 |" in out
+    assert gc_probe.main([str(runs["mae"])]) == 2
+    assert "has no GC decoder" in capsys.readouterr().err
