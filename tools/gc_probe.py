@@ -30,7 +30,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.losses import spearman_per_row  # noqa: E402
+from models.losses import spearman_per_row
 
 QUANTITIES = ("x", "y", "z", "radius", "flatness", "spread")
 
