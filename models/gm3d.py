@@ -235,31 +235,18 @@ class PointMAEGM3D(PointMAE):
         t = self.ema
         return t.gc_scores_all(t.MAE_encoder(neighborhood, center), center).float()
 
-    def loss_weights(self, epoch: int) -> tuple[float, float, float]:
-        g = self.gcfg
-        if epoch < g.weight_warmup_epochs:
-            return 1.0, 1.0, g.lambda_gc
-        return g.lambda_point, g.lambda_feat, g.lambda_gc
+    def per_patch_terms(self, p, mask: torch.Tensor, x_vis: torch.Tensor):
+        """The student's per-masked-patch losses for grouped clouds ``p`` under ``mask`` (B, G).
 
-    def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor, *, epoch: int = 0,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        points = batch["points"] if isinstance(batch, dict) else batch
+        Returns ``f_hat`` (B, M, C) decoded mask tokens, ``l_p`` (B, M) point term, ``l_f`` (B, M)
+        feature-KD term (None for variant A) and ``gc_target`` (B, M), the detached error that the GC
+        decoder learns to rank (``l_p`` for variant A, ``l_p + l_f`` for B and C).
+        """
         g = self.gcfg
-        p = self.group(points)
-        B, G = p.center.shape[:2]
-        K = self.group_size
-        n_sel = self.masker.num_selected(epoch, G)
-        scores = self.teacher_scores(p.neighborhood, p.center) if n_sel > 0 or self.training else None
-        mask = self.masker(p.center, generator=generator, epoch=epoch, scores=scores)
-        M = int(mask[0].sum())
-
-        x_vis = self.MAE_encoder(p.neighborhood, p.center, mask)
+        B, M, K = mask.shape[0], int(mask[0].sum()), self.group_size
         f_hat = self.decode(x_vis, p.center, mask, self.mask_token, self.MAE_decoder, M)           # (B, M, C)
-        gc_tokens = self.decode(x_vis, p.center, mask, self.mask_token_loss_pred, self.MAE_decoder_loss_pred)
-        g_hat = self.increase_dim_2(gc_tokens)[:, -M:]                                            # (B, M)
         target = p.neighborhood[mask].view(B * M, K, 3).float()
         chamfer = chamfer_l2 if self.loss_fn is chamfer_l2 else chamfer_l1
-
         if g.variant == "B":
             with torch.no_grad():
                 kt_all = self.knowledge_teacher.MAE_encoder(p.neighborhood, p.center)
@@ -281,6 +268,28 @@ class PointMAEGM3D(PointMAE):
                     f_t = self.knowledge_teacher.MAE_encoder(p.neighborhood, p.center)[mask].view(B, M, -1)
             l_f = normalized_mse(f_hat, f_t)                                                      # (B, M)
             gc_target = (l_f + l_p).detach()
+        return f_hat, l_p, l_f, gc_target
+
+    def loss_weights(self, epoch: int) -> tuple[float, float, float]:
+        g = self.gcfg
+        if epoch < g.weight_warmup_epochs:
+            return 1.0, 1.0, g.lambda_gc
+        return g.lambda_point, g.lambda_feat, g.lambda_gc
+
+    def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor, *, epoch: int = 0,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        points = batch["points"] if isinstance(batch, dict) else batch
+        p = self.group(points)
+        G = p.center.shape[1]
+        n_sel = self.masker.num_selected(epoch, G)
+        scores = self.teacher_scores(p.neighborhood, p.center) if n_sel > 0 or self.training else None
+        mask = self.masker(p.center, generator=generator, epoch=epoch, scores=scores)
+        M = int(mask[0].sum())
+
+        x_vis = self.MAE_encoder(p.neighborhood, p.center, mask)
+        _, l_p, l_f, gc_target = self.per_patch_terms(p, mask, x_vis)
+        gc_tokens = self.decode(x_vis, p.center, mask, self.mask_token_loss_pred, self.MAE_decoder_loss_pred)
+        g_hat = self.increase_dim_2(gc_tokens)[:, -M:]                                            # (B, M)
         l_gc = gc_ranking_loss(g_hat.float(), gc_target)
         w_point, w_feat, w_gc = self.loss_weights(epoch)
         loss_point = l_p.mean()

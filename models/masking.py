@@ -83,9 +83,10 @@ def curriculum_alpha(epoch: int, total_epochs: int, alpha_max: float, schedule: 
 
     ``linear``: ``(e + 1) / T * alpha_max`` (GM3D / HPM ``generate_mask``); ``mid``: reaches alpha_max at
     mid-training, ``min(2 (e + 1) / T * alpha_max, alpha_max)`` (GM3D's ``after_200_epoch`` option).
+    Epochs past ``T`` (a model used beyond the length it was set up for) stay at ``alpha_max``.
     """
     if schedule == "linear":
-        return (epoch + 1) / total_epochs * alpha_max
+        return min((epoch + 1) / total_epochs, 1.0) * alpha_max
     if schedule == "mid":
         return min(2 * (epoch + 1) / total_epochs * alpha_max, alpha_max)
     raise ValueError(f"unknown curriculum schedule '{schedule}'; expected 'linear' or 'mid'")

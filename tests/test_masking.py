@@ -65,6 +65,12 @@ def test_gm3d_curriculum_worked_numbers():
     n8 = [strat8.num_selected(e, 64) for e in range(400)]
     assert n8.index(next(x for x in n8 if x > 0)) == 12 and n8[-1] == 31
     assert curriculum_alpha(199, 400, 0.5, "mid") == 0.5 and curriculum_alpha(99, 400, 0.5, "mid") == 0.25
+    # past the configured length the share stays at alpha_max (N_sel never exceeds its final value)
+    assert curriculum_alpha(999, 400, 0.5) == 0.5 and strat.num_selected(999, 64) == n[399]
+    scores = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    mask = strat(torch.zeros(2, 64, 3), generator=torch.Generator().manual_seed(1), epoch=5000, scores=scores)
+    assert mask.sum(1).tolist() == [39, 39]
+    assert mask.gather(1, scores.topk(19, dim=1).indices).all()
 
 
 def test_gm3d_top_scored_patches_always_masked():

@@ -305,5 +305,11 @@ def test_gc_probe_cli(runs, capsys):
     out = capsys.readouterr().out
     assert "| checkpoint | shapes | x | y | z | radius | flatness | spread |" in out
     assert f"| {runs['run'] / 'ckpt-last.pth'} | 3 |" in out
+    assert gc_probe.main([str(runs["run"] / "ckpt-last.pth"), "--limit", "3", "--targets"]) == 0
+    out = capsys.readouterr().out
+    assert "| flatness | spread | random_mask | gm3d_mask |" in out
+    corr = gc_probe.probe(str(runs["run"] / "ckpt-last.pth"), limit=3, targets=True)
+    assert set(corr) == {*gc_probe.QUANTITIES, "random_mask", "gm3d_mask"}
+    assert all(v.shape == (3,) and bool(((v >= -1) & (v <= 1)).all()) for v in corr.values())
     assert gc_probe.main([str(runs["mae"])]) == 2
     assert "has no GC decoder" in capsys.readouterr().err
