@@ -34,10 +34,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from datasets.build import DATASETS
-from datasets.io import item_rng
+from datasets.io import PointDataset
 from datasets.transforms import pc_norm
 from utils.errors import ConfigError, DataError
 
@@ -859,17 +858,17 @@ def generate_shape(
 
 
 @DATASETS.register("SyntheticShapes")
-class SyntheticShapes(Dataset):
+class SyntheticShapes(PointDataset):
     """Procedural labelled shapes with part labels; needs no download.
 
     Items are dicts: ``points`` float32 (npoints, 3), ``label`` int64 scalar tensor, ``seg`` int64
     (npoints,) global part ids, ``category`` int (= label), ``name`` str such as ``"chair_0007"``.
     Train items take a random subset of the stored ``base_points``, drawn like every other data set
-    of the project from :func:`datasets.io.item_rng` seeded by ``(seed, epoch, index)``: the same in
-    any process, worker or access order, fresh after :meth:`set_epoch` (the engine calls it every
-    epoch; a split nobody calls it on, such as the linear-SVM train split, stays at epoch 0 and is
-    the same at every evaluation). Test items take the first ``npoints`` of the stored (already
-    shuffled) points. The subset is then re-normalised with
+    of the project (:class:`datasets.io.PointDataset`) from a generator seeded by
+    ``(seed, epoch, index)``: the same in any process, worker or access order, fresh after
+    :meth:`set_epoch` (the engine calls it every epoch; a split nobody calls it on, such as the
+    linear-SVM train split, stays at epoch 0 and is the same at every evaluation). Test items take
+    the first ``npoints`` of the stored (already shuffled) points. The subset is then re-normalised with
     :func:`pc_norm`, as the official ShapeNet loader does after its random subset.
 
     Args:
@@ -938,7 +937,7 @@ class SyntheticShapes(Dataset):
                 f"shape (base_points); raise base_points or lower npoints"
             )
         self.subset, self.npoints, self.base_points = subset, npoints, base_points
-        self.seed, self.epoch = seed, 0
+        super().__init__(seed)
         self.classes: list[str] = list(CLASSES[:num_classes])
         self.num_classes = num_classes
         self.seg_classes: dict[str, list[int]] = {}
@@ -1021,13 +1020,9 @@ class SyntheticShapes(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch that seeds the train items' point subsets."""
-        self.epoch = int(epoch)
-
     def __getitem__(self, index: int) -> dict:
         if self.subset == "train":
-            sel = item_rng(self.seed, self.epoch, index).permutation(self.base_points)[: self.npoints]
+            sel = self._rng(index).permutation(self.base_points)[: self.npoints]
         else:
             sel = np.arange(self.npoints)
         label = int(self.labels[index])
