@@ -1,6 +1,7 @@
 """Pre-train a point-cloud masked autoencoder (Point-MAE, Point-MAE + GeoMask3D).
 
     python main_pretrain.py --config cfgs/pretrain/quickstart.yaml [--exp_name NAME] [--resume] [key=value ...]
+    python main_pretrain.py --config cfgs/pretrain/point_mae_gm3d.yaml --start_ckpts pretrain.pth   # warm start
     torchrun --nproc_per_node 2 main_pretrain.py --config ...        # DDP (gloo on CPU, NCCL on GPU)
 """
 
@@ -24,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from <run>/ckpt-last.pth")
     p.add_argument("--stop_after_epoch", type=int, default=None,
                    help="leave after this epoch (checkpoint written), e.g. for a time-limited job; --resume continues")
+    p.add_argument("--start_ckpts", default=None, metavar="CKPT",
+                   help="initialise the model from a pre-training checkpoint (official or this project's; strict "
+                        "key check), then train with a fresh optimizer")
     p.add_argument("opts", nargs="*", help="config overrides, e.g. max_epoch=10 optimizer.kwargs.lr=5e-4")
     return p.parse_args(argv)
 
@@ -32,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run_pretrain(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, resume=args.resume,
-                     stop_after_epoch=args.stop_after_epoch)
+                     stop_after_epoch=args.stop_after_epoch, start_ckpts=args.start_ckpts)
     except Exception as e:  # a clear one-line message for the user errors we raise on purpose
         from tools.runs import USER_ERRORS
         if isinstance(e, USER_ERRORS):

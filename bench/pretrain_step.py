@@ -64,8 +64,9 @@ from models.gm3d import PointMAEGM3D
 from models.layers import Attention, PatchEmbed, TransformerDecoder
 from models.point_mae import PointMAE
 from tools import checkpoint as ckpt_io
-from tools.engine import autocast_context
+from tools.engine import autocast_context, hooks_of
 from tools.optim import build_optimizer
+from tools.pretrained import load_knowledge_teacher
 from utils.config import load_config
 from utils.misc import native_bf16
 
@@ -180,23 +181,21 @@ class OfficialPointMAE(PointMAE):
 
 class OfficialGM3D(PointMAEGM3D):
     """GM3D with the official path's waste: regrouping for the teacher, its unused reconstruction
-    decoder, and the EMA update as a Python loop over the state dict."""
-
-    def group(self, points: torch.Tensor) -> Patches:
-        return official_group(points, self.num_group, self.group_size)
+    decoder, and the EMA update as a Python loop over the state dict (its student groups with the
+    official per-sample kNN loop, :class:`OfficialPointMAE`)."""
 
     def forward(self, batch, *, epoch=0, generator=None):
         self._batch_points = batch["points"] if isinstance(batch, dict) else batch
         return super().forward(batch, epoch=epoch, generator=generator)
 
     @torch.no_grad()
-    def teacher_scores(self, neighborhood, center):
+    def teacher_scores(self, groups):
         t = self.ema
-        p = official_group(self._batch_points, self.num_group, self.group_size)  # second grouping
+        p = official_group(self._batch_points, self.student.num_group, self.student.group_size)  # second grouping
         x_all = t.MAE_encoder(p.neighborhood, p.center)
         rec = t.MAE_decoder(x_all, t.decoder_pos_embed(p.center))             # nobody reads this
         t.increase_dim(rec.transpose(1, 2))
-        return t.gc_scores_all(x_all, p.center).float()
+        return t.gc_scores_all(x_all, p).float()
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -219,6 +218,8 @@ def officialize(model: nn.Module) -> nn.Module:
             m.embed_visible_only = False
     if isinstance(model, PointMAEGM3D):
         model.__class__ = OfficialGM3D
+        model.student.__class__ = OfficialPointMAE
+        model.ema.student.__class__ = OfficialPointMAE
         model.masker = NumpyGM3DMask(model.masker)
     elif isinstance(model, PointMAE):
         model.__class__ = OfficialPointMAE
@@ -257,8 +258,7 @@ class Step:
         self.points, self.precision, self.device, self.augment, self.epoch = \
             points, precision, device, augment, epoch
         self.gen = torch.Generator().manual_seed(0)
-        if hasattr(self.model, "on_epoch_start"):
-            self.model.on_epoch_start(epoch, GM3D_EPOCHS)
+        hooks_of(self.model).on_epoch_start(epoch, GM3D_EPOCHS)
 
     def __call__(self) -> float:
         model, opt = self.model, self.opt
@@ -274,8 +274,7 @@ class Step:
             nn.utils.clip_grad_norm_(model.parameters(), float(self.clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if hasattr(model, "after_step"):
-            model.after_step()
+        hooks_of(model).after_step()
         synchronize(self.device)
         return value
 
@@ -345,12 +344,15 @@ def build(name: str, cfg, teacher_ckpt: str | None) -> nn.Module:
     m = dict(cfg["model"])
     if name == "gm3d":
         m["gm3d"] = dict(m["gm3d"], teacher_ckpt=teacher_ckpt)
-    return build_model(m)
+    model = build_model(m)
+    if getattr(model, "knowledge_teacher", None) is not None:
+        load_knowledge_teacher(model.knowledge_teacher, teacher_ckpt)
+    return model
 
 
 def write_teacher(cfg, path: str) -> None:
     """A randomly initialised Point-MAE of the same width saved as the knowledge-teacher checkpoint."""
-    m = {k: v for k, v in dict(cfg["model"]).items() if k != "gm3d"}
+    m = {k: v for k, v in dict(cfg["model"]).items() if k not in ("gm3d", "mask")}
     m["NAME"] = "Point_MAE"
     m["transformer_config"] = dict(m["transformer_config"], mask_type="rand")
     torch.manual_seed(0)

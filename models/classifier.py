@@ -2,7 +2,7 @@
 
 ``state_dict`` keys are exactly the official fine-tune model's, so released fine-tuned checkpoints
 (``modelnet_1k.pth``, ``scan_*.pth``) load strictly and pre-trained encoders map onto it by renaming
-only (:mod:`models.convert`)::
+only (:class:`models.adapters.PointMAEAdapter`)::
 
     cls_token (1, 1, C), cls_pos (1, 1, C)
     encoder.{first_conv,second_conv}.{0,1,3}.*        mini-PointNet patch embedding
@@ -23,19 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from extensions import group
+from models.base import Classifier
 from models.build import MODELS
 from models.layers import PatchEmbed, PosEmbed, TransformerEncoder
 from models.point_mae import _init_trunc_normal
 from utils.errors import ConfigError, DataError
 
-__all__ = ["PointTransformer", "HEAD_PREFIX", "ENCODER_PREFIXES"]
-
-HEAD_PREFIX = "cls_head_finetune."
-ENCODER_PREFIXES = ("encoder.", "pos_embed.", "blocks.blocks.", "norm.")
+__all__ = ["PointTransformer"]
 
 
 @MODELS.register("PointTransformer", "PointMAEClassifier")
-class PointTransformer(nn.Module):
+class PointTransformer(Classifier):
     """Point-MAE classification model (official flat config keys).
 
     Args:
@@ -50,6 +48,8 @@ class PointTransformer(nn.Module):
         label_smoothing: cross-entropy label smoothing (0 = the official plain CE; GM3D's MAE-style
             fine-tuning uses 0.1).
     """
+
+    ARCH = "point_mae"
 
     def __init__(self, trans_dim: int = 384, depth: int = 12, drop_path_rate: float = 0.1, cls_dim: int = 40,
                  num_heads: int = 6, group_size: int = 32, num_group: int = 64, encoder_dims: int = 384,

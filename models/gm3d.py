@@ -1,25 +1,31 @@
-"""GeoMask3D (GM3D) pre-training for Point-MAE (SPEC.md; decisions 1-5).
+"""GeoMask3D (GM3D): a pre-training wrapper over any backbone's masked autoencoder (docs/METHOD.md).
 
 One step, as data flows (patches are grouped once and shared by all three networks)::
 
-    points -> group -> Patches
-      EMA teacher (no_grad, eval): embed all -> encode all -> GC decoder -> scores (B, G)
+    points -> student.group -> groups
+      EMA teacher (no_grad, eval): encode all -> GC decoder -> scores (B, G) at the mask scale
       gm3d mask strategy(scores, epoch) -> mask (B, G), the N_sel top-scored patches always masked
-      student: encode visible -> decoder [+ mask tokens] -> f_hat (masked) -> point head -> l_p (B, M)
-                              \\-> GC decoder [+ its own mask tokens] -> g_hat (masked)
+      student: encode visible -> reconstruct_masked -> f_hat (B, M, C), l_p (B, M)
+                              \\-> GC decoder [visible tokens ; its own mask tokens] -> g_hat (B, M)
       knowledge teacher (frozen, no_grad): encode all -> f_t at the masked patches -> l_f (B, M)
       loss = lambda_feat * mean(l_f) + lambda_point * mean(l_p) + lambda_gc * rank(g_hat, sg(l_f + l_p))
     backward -> step -> EMA update (foreach lerp)
 
+:class:`GM3D` needs nothing from the student but the :class:`~models.base.MaskedAutoencoder` contract, so
+one registration per backbone (:class:`PointMAEGM3D` below) adds GM3D to it. The student's modules are
+adopted under their own names, so a GM3D state dict is the student's (for Point-MAE: the official
+pre-training keys) plus the GC branch (official GM3D names ``MAE_decoder_loss_pred``,
+``mask_token_loss_pred``, ``increase_dim_2``), the EMA teacher under ``ema.`` and the frozen knowledge
+teacher under ``knowledge_teacher.``.
+
+The knowledge teacher's weights never come from a file here: the model builds a weightless teacher
+(or takes one passed in) and ``tools/builders.py`` loads ``gm3d.teacher_ckpt`` into it through the
+backbone's checkpoint adapter (a run checkpoint carries the teacher's weights too).
+
 Variants (``gm3d.variant``): ``C`` (default, the paper's figure): student point head with Chamfer to
 the real patch, feature KD, GC ranking. ``A``: no KD (GC target = l_p). ``B``: the released code path,
 where the point term compares the knowledge teacher's point head applied to the student's decoded
-features and to its own complete-cloud features under no_grad, so it carries no gradient (our
-reading of SPEC 3.4; the student's own point head receives no gradient).
-
-Module names of the GC branch follow the official GM3D code (``MAE_decoder_loss_pred``,
-``mask_token_loss_pred``, ``increase_dim_2``); the EMA teacher lives under ``ema.`` and the frozen
-knowledge teacher under ``knowledge_teacher.`` in the state dict.
+features and to its own complete-cloud features under no_grad, so it carries no gradient.
 """
 
 from __future__ import annotations
@@ -32,23 +38,23 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from extensions import chamfer_l1, chamfer_l2
+from models.base import EncoderTeacher, MaskedAutoencoder
 from models.build import MODELS
 from models.layers import TransformerDecoder
 from models.losses import gc_ranking_loss, normalized_mse, spearman_per_row
-from models.masking import GM3DMask
-from models.point_mae import PointMAE, PointMAEEncoder, TransformerConfig, _init_xavier
-from tools import checkpoint as ckpt_io
+from models.masking import GM3DMask, build_mask, resolve_mask_config
+from models.point_mae import PointMAE, _init_xavier
+from utils.errors import CheckpointError, ConfigError
 from utils.registry import check_kwargs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GM3DConfig", "PointMAEGM3D", "KnowledgeTeacher", "GCHead"]
+__all__ = ["GM3DConfig", "GM3D", "PointMAEGM3D", "GCHead"]
 
 
 @dataclass
 class GM3DConfig:
-    """The ``model.gm3d`` block.
+    """The ``model.gm3d`` block (the mask and its curriculum live in ``model.mask``).
 
     Args:
         variant: loss variant, ``A`` (no KD), ``B`` (released code), ``C`` (paper figure, default).
@@ -57,15 +63,14 @@ class GM3DConfig:
         lambda_gc: weight of the GC ranking loss.
         weight_warmup_epochs: epochs during which lambda_point and lambda_feat are both 1 (variant B's
             released schedule uses 15; 0 = off).
-        alpha_max: final share of GC-selected masked patches.
-        curriculum: ``linear`` over all epochs or ``mid`` (alpha_max at mid-training).
         gc_decoder_depth: blocks of the GC decoder (12 = the reported "MODIFIED_2" run; 4 is cheaper).
         ema_decay_start: EMA decay at epoch 0.
         ema_decay_end: EMA decay after the ramp.
         ema_ramp_epochs: epochs of the linear decay ramp.
-        teacher_ckpt: knowledge-teacher checkpoint (official Point-MAE ``pretrain.pth`` or this
-            project's); null turns KD off (variant A) with a warning.
-        teacher_model: ``transformer_config`` of the knowledge teacher (default: the student's).
+        teacher_ckpt: knowledge-teacher checkpoint (official pre-training file or this project's),
+            loaded by the builder; null turns KD off (variant A) with a warning.
+        teacher_model: architecture of the knowledge teacher (the backbone's ``transformer_config``;
+            default: the student's).
     """
 
     variant: Literal["A", "B", "C"] = "C"
@@ -73,14 +78,22 @@ class GM3DConfig:
     lambda_feat: float = 13.889
     lambda_gc: float = 1.0
     weight_warmup_epochs: int = 0
-    alpha_max: float = 0.5
-    curriculum: Literal["linear", "mid"] = "linear"
     gc_decoder_depth: int = 12
     ema_decay_start: float = 0.999
     ema_decay_end: float = 0.9999
     ema_ramp_epochs: int = 100
     teacher_ckpt: str | None = None
     teacher_model: dict | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, where: str = "model.gm3d") -> "GM3DConfig":
+        d = dict(d or {})
+        moved = [k for k in ("alpha_max", "curriculum") if k in d]
+        if moved:
+            raise ConfigError(f"{where}: {', '.join(moved)} moved to the mask block: write "
+                              + ", ".join(f"model.mask.{k}: {d[k]!r}" for k in moved))
+        check_kwargs(cls, d, where)
+        return cls(**d)
 
 
 class GCHead(nn.Module):
@@ -96,79 +109,59 @@ class GCHead(nn.Module):
         return self.net(x.transpose(1, 2)).mean(1)
 
 
-class KnowledgeTeacher(nn.Module):
-    """Frozen pre-trained Point-MAE encoder (+ its point head, used by variant B only).
-
-    Keys mirror the official pre-training checkpoint (``MAE_encoder.*``, ``increase_dim.0.*``) so the
-    official ``pretrain.pth`` loads without renaming.
-    """
-
-    EXPECTED_UNUSED_PREFIXES = ("mask_token", "decoder_pos_embed.", "MAE_decoder.", "MAE_decoder_loss_pred.",
-                                "mask_token_loss_pred", "increase_dim_2.", "ema.", "knowledge_teacher.")
-
-    def __init__(self, tc: TransformerConfig, group_size: int):
-        super().__init__()
-        self.MAE_encoder = PointMAEEncoder(tc.trans_dim, tc.encoder_dims, tc.depth, tc.num_heads, 0.0,
-                                           embed_visible_only=False)
-        self.increase_dim = nn.Sequential(nn.Conv1d(tc.trans_dim, 3 * group_size, 1))
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True):
-        return super().train(False)  # always frozen, BatchNorm in eval
-
-    def load_checkpoint(self, path: str) -> None:
-        """Strict load from an official or project checkpoint; nothing may be missing."""
-        state = ckpt_io.extract_state_dict(ckpt_io.load_file(path), path)
-        ckpt_io.load_state_dict_checked(self, state, allowed_missing=(),
-                                        allowed_unexpected_prefixes=self.EXPECTED_UNUSED_PREFIXES,
-                                        what=f"knowledge-teacher checkpoint {path}")
-
-
-@MODELS.register("PointMAE_GM3D", "Point_MAE_GM3D")
-class PointMAEGM3D(PointMAE):
-    """Point-MAE + GeoMask3D pre-training model.
+class GM3D(MaskedAutoencoder):
+    """GeoMask3D pre-training over a :class:`~models.base.MaskedAutoencoder` student.
 
     Args:
-        group_size: points per patch.
-        num_group: patches per cloud.
-        loss: Chamfer flavour of the point term (``cdl2`` as in GM3D).
-        transformer_config: the Point-MAE block; ``mask_type`` is forced to ``gm3d``.
-        embed_visible_only: see :class:`~models.point_mae.PointMAEEncoder`.
+        student: the backbone's masked autoencoder (its own mask strategy is replaced by GM3D's).
+        mask: the ``model.mask`` block; the strategy is ``gm3d`` whatever it says.
         gm3d: the :class:`GM3DConfig` block.
+        knowledge_teacher: a frozen encoder of the same backbone (variants B and C); None builds a
+            weightless one from the student (``student.build_knowledge_teacher``) whose weights the
+            caller loads, from ``gm3d.teacher_ckpt`` or from a run checkpoint.
+        transformer_config: the student's official config block (only its mask keys are read here).
     """
 
-    def __init__(self, group_size: int = 32, num_group: int = 64, loss: Literal["cdl1", "cdl2"] = "cdl2",
-                 transformer_config: dict | None = None, embed_visible_only: bool = True,
-                 gm3d: dict | None = None):
-        tc_dict = dict(transformer_config or {})
-        tc_dict["mask_type"] = "gm3d"
-        g = dict(gm3d or {})
-        check_kwargs(GM3DConfig, g, "model.gm3d")
-        self.gcfg = GM3DConfig(**g)
-        super().__init__(group_size, num_group, loss, tc_dict, embed_visible_only)
-        gc, tc = self.gcfg, self.tc
-        if gc.variant in ("B", "C") and not gc.teacher_ckpt:
+    def __init__(self, student: MaskedAutoencoder, *, mask: dict | None = None, gm3d: dict | None = None,
+                 knowledge_teacher: EncoderTeacher | None = None, transformer_config: dict | None = None):
+        super().__init__()
+        self.gcfg = gc = GM3DConfig.from_dict(gm3d)
+        tc_mask = {k: v for k, v in (transformer_config or {}).items() if k in ("mask_ratio", "mask_type")}
+        strategy = (mask or {}).get("strategy")
+        if strategy not in (None, "gm3d"):
+            raise ConfigError(f"model.mask.strategy is {strategy!r}, but a GM3D model always masks with 'gm3d' "
+                              f"(for another strategy use the plain backbone, e.g. model.NAME: Point_MAE)")
+        tc_mask["mask_type"] = "gm3d"  # the official key is forced, as in the official GM3D code
+        mcfg = resolve_mask_config({**dict(mask or {}), "strategy": "gm3d"}, tc_mask)
+        self._adopt(student)
+        self.masker: GM3DMask = build_mask(mcfg)
+        self.token_dim = C = student.token_dim
+        if gc.variant in ("B", "C") and not gc.teacher_ckpt and knowledge_teacher is None:
             log.warning("model.gm3d.teacher_ckpt is not set: knowledge distillation is OFF, running "
                         "variant A (GC target = point error only)")
             gc.variant = "A"
-        self.config["gm3d"] = asdict(gc)
-        self.mask_token_loss_pred = nn.Parameter(torch.zeros(1, 1, tc.trans_dim))
-        self.MAE_decoder_loss_pred = TransformerDecoder(tc.trans_dim, gc.gc_decoder_depth,
-                                                        tc.decoder_num_heads, tc.drop_path_rate)
+        self.config = {**getattr(student, "config", {}), "mask": asdict(mcfg), "gm3d": asdict(gc)}
+        self.mask_token_loss_pred = nn.Parameter(torch.zeros(1, 1, C))
+        spec = student.decoder_spec()
+        self.MAE_decoder_loss_pred = TransformerDecoder(C, gc.gc_decoder_depth, int(spec["num_heads"]),
+                                                        float(spec["drop_path_rate"]))
         self.MAE_decoder_loss_pred.apply(_init_xavier)
-        self.increase_dim_2 = GCHead(tc.trans_dim)
+        self.increase_dim_2 = GCHead(C)
         nn.init.trunc_normal_(self.mask_token_loss_pred, std=0.02)
         if gc.variant != "A":
-            kt_tc = TransformerConfig.from_dict(gc.teacher_model, "model.gm3d.teacher_model") \
-                if gc.teacher_model else tc
-            self.knowledge_teacher = KnowledgeTeacher(kt_tc, group_size)
-            self.knowledge_teacher.load_checkpoint(gc.teacher_ckpt)
-            if kt_tc.trans_dim != tc.trans_dim:
-                raise ValueError(f"knowledge teacher width {kt_tc.trans_dim} != student width {tc.trans_dim}")
+            kt = knowledge_teacher if knowledge_teacher is not None else \
+                student.build_knowledge_teacher(gc.teacher_model)
+            if not isinstance(kt, EncoderTeacher):
+                raise ConfigError(f"knowledge_teacher must be an EncoderTeacher, got {type(kt).__name__}")
+            if kt.token_dim != C:
+                raise ConfigError(f"knowledge teacher width {kt.token_dim} != student width {C}")
+            if gc.variant == "B" and type(kt).point_head_loss is EncoderTeacher.point_head_loss:
+                raise ConfigError(f"gm3d.variant B needs a knowledge teacher with a point head; "
+                                  f"{type(kt).__name__} has none (use variant C)")
+            self.knowledge_teacher: EncoderTeacher | None = kt.freeze()
         else:
             self.knowledge_teacher = None
-        # EMA teacher: a momentum copy of the whole student (not the knowledge teacher).
+        # EMA teacher: a momentum copy of the whole student and GC branch (not the knowledge teacher).
         kt, self.knowledge_teacher = self.knowledge_teacher, None
         self.ema = copy.deepcopy(self)
         self.knowledge_teacher = kt
@@ -177,16 +170,60 @@ class PointMAEGM3D(PointMAE):
         self.ema_decay = gc.ema_decay_start
         self._stats: dict[str, float] = {}
         self._n_stats = 0
+        self._n_sel = 0
 
-    def build_masker(self, tc: TransformerConfig) -> GM3DMask:
-        g = self.gcfg
-        return GM3DMask(tc.mask_ratio, alpha_max=g.alpha_max, schedule=g.curriculum)
+    # ------------------------------------------------------------------ the student, adopted
+    def _adopt(self, student: MaskedAutoencoder) -> None:
+        """Register the student's parameters and sub-modules under their own names (flat keys)."""
+        if student._buffers:
+            raise TypeError(f"{type(student).__name__} has top-level buffers; GM3D cannot adopt it")
+        object.__setattr__(self, "student", student)
+        for name, p in student._parameters.items():
+            self.register_parameter(name, p)
+        for name, child in student._modules.items():
+            self.add_module(name, child)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        for name in self.student._parameters:       # keep the student's own parameters the same objects
+            self.student._parameters[name] = self._parameters[name]
+        return out
 
     def train(self, mode: bool = True):
         super().train(mode)
+        self.student.training = mode
         if getattr(self, "ema", None) is not None:
             self.ema.eval()
         return self
+
+    # ------------------------------------------------------------------ the contract, delegated
+    def group(self, points):
+        return self.student.group(points)
+
+    def mask_centers(self, groups):
+        return self.student.mask_centers(groups)
+
+    def encode(self, groups, mask=None):
+        return self.student.encode(groups, mask)
+
+    def mask_scale_tokens(self, encoded):
+        return self.student.mask_scale_tokens(encoded)
+
+    def decoder_positions(self, groups, mask=None):
+        return self.student.decoder_positions(groups, mask)
+
+    def reconstruct_masked(self, groups, mask, encoded):
+        return self.student.reconstruct_masked(groups, mask, encoded)
+
+    @torch.no_grad()
+    def extract_features(self, points):
+        return self.student.extract_features(points)
+
+    def decoder_spec(self):
+        return self.student.decoder_spec()
+
+    def build_knowledge_teacher(self, teacher_model=None):
+        return self.student.build_knowledge_teacher(teacher_model)
 
     # ------------------------------------------------------------------ engine hooks
     def on_epoch_start(self, epoch: int, max_epoch: int) -> None:
@@ -197,7 +234,7 @@ class PointMAEGM3D(PointMAE):
         else:
             self.ema_decay = g.ema_decay_end
         self._stats, self._n_stats = {}, 0
-        self._n_sel = self.masker.num_selected(epoch, self.num_group)
+        self._n_sel = self.masker.num_selected(epoch, self.student.num_group)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -219,56 +256,57 @@ class PointMAEGM3D(PointMAE):
 
     def extra_metrics(self) -> dict[str, float]:
         out = {k: v / max(self._n_stats, 1) for k, v in self._stats.items()}
-        out["n_sel"] = float(getattr(self, "_n_sel", 0))
+        out["n_sel"] = float(self._n_sel)
         out["ema_decay"] = float(self.ema_decay)
         return out
 
     # ------------------------------------------------------------------ forward pieces
-    def gc_scores_all(self, x_all: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-        """GC scores of a complete cloud (no mask tokens): (B, G, C) tokens -> (B, G)."""
-        x = self.MAE_decoder_loss_pred(x_all, self.decoder_pos_embed(center))
+    def gc_scores_all(self, tokens: torch.Tensor, groups) -> torch.Tensor:
+        """GC scores of a complete cloud (no mask tokens): (B, G, C) mask-scale tokens -> (B, G)."""
+        x = self.MAE_decoder_loss_pred(tokens, self.student.decoder_positions(groups))
         return self.increase_dim_2(x)
 
     @torch.no_grad()
-    def teacher_scores(self, neighborhood: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-        """The EMA teacher's GC score per patch of the complete cloud, (B, G)."""
+    def teacher_scores(self, groups) -> torch.Tensor:
+        """The EMA teacher's GC score per mask-scale patch of the complete cloud, (B, G)."""
         t = self.ema
-        return t.gc_scores_all(t.MAE_encoder(neighborhood, center), center).float()
+        return t.gc_scores_all(t.student.mask_scale_tokens(t.student.encode(groups)), groups).float()
 
-    def per_patch_terms(self, p, mask: torch.Tensor, x_vis: torch.Tensor):
-        """The student's per-masked-patch losses for grouped clouds ``p`` under ``mask`` (B, G).
+    def student_scores(self, groups, mask: torch.Tensor, encoded) -> torch.Tensor:
+        """The student's GC scores at its mask tokens, (B, M) in increasing masked-patch index."""
+        x_vis = self.student.mask_scale_tokens(encoded)
+        B, n_vis, C = x_vis.shape
+        M = mask.shape[1] - n_vis
+        x = torch.cat([x_vis, self.mask_token_loss_pred.to(x_vis.dtype).expand(B, M, C)], 1)
+        tokens = self.MAE_decoder_loss_pred(x, self.student.decoder_positions(groups, mask))
+        return self.increase_dim_2(tokens)[:, -M:]
+
+    def _check_teacher(self) -> None:
+        kt = self.knowledge_teacher
+        if kt is not None and not kt.loaded:
+            raise CheckpointError(
+                "the knowledge teacher has no weights: build the model with tools.builders.build_model_from_cfg "
+                "(it loads model.gm3d.teacher_ckpt) or load a checkpoint that holds knowledge_teacher.* keys")
+
+    def per_patch_terms(self, groups, mask: torch.Tensor, encoded):
+        """The student's per-masked-patch losses for ``groups`` under ``mask`` (B, G).
 
         Returns ``f_hat`` (B, M, C) decoded mask tokens, ``l_p`` (B, M) point term, ``l_f`` (B, M)
         feature-KD term (None for variant A) and ``gc_target`` (B, M), the detached error that the GC
         decoder learns to rank (``l_p`` for variant A, ``l_p + l_f`` for B and C).
         """
         g = self.gcfg
-        B, M, K = mask.shape[0], int(mask[0].sum()), self.group_size
-        f_hat = self.decode(x_vis, p.center, mask, self.mask_token, self.MAE_decoder, M)           # (B, M, C)
-        target = p.neighborhood[mask].view(B * M, K, 3).float()
-        chamfer = chamfer_l2 if self.loss_fn is chamfer_l2 else chamfer_l1
-        if g.variant == "B":
-            with torch.no_grad():
-                kt_all = self.knowledge_teacher.MAE_encoder(p.neighborhood, p.center)
-                f_t = kt_all[mask].view(B, M, -1)
-                head = self.knowledge_teacher.increase_dim
-                pred_pts = head(f_hat.detach().float().transpose(1, 2).to(head[0].weight.dtype))
-                kt_pts = head(f_t.transpose(1, 2))
-                l_p = chamfer(pred_pts.transpose(1, 2).reshape(B * M, K, 3).float(),
-                              kt_pts.transpose(1, 2).reshape(B * M, K, 3).float(), reduction="none").view(B, M)
-        else:
-            pred = self.reconstruct(f_hat).reshape(B * M, K, 3).float()
-            l_p = chamfer(pred, target, reduction="none").view(B, M)
+        self._check_teacher()
+        B, M = mask.shape[0], int(mask[0].sum())
+        f_hat, l_p = self.student.reconstruct_masked(groups, mask, encoded)
         if g.variant == "A":
-            l_f = None
-            gc_target = l_p.detach()
-        else:
-            if g.variant == "C":
-                with torch.no_grad():
-                    f_t = self.knowledge_teacher.MAE_encoder(p.neighborhood, p.center)[mask].view(B, M, -1)
-            l_f = normalized_mse(f_hat, f_t)                                                      # (B, M)
-            gc_target = (l_f + l_p).detach()
-        return f_hat, l_p, l_f, gc_target
+            return f_hat, l_p, None, l_p.detach()
+        with torch.no_grad():
+            f_t = self.knowledge_teacher.encode_full(groups)[mask].view(B, M, -1)
+            if g.variant == "B":
+                l_p = self.knowledge_teacher.point_head_loss(f_hat.detach(), f_t, self.student.loss_fn)
+        l_f = normalized_mse(f_hat, f_t)                                                      # (B, M)
+        return f_hat, l_p, l_f, (l_f + l_p).detach()
 
     def loss_weights(self, epoch: int) -> tuple[float, float, float]:
         g = self.gcfg
@@ -276,20 +314,24 @@ class PointMAEGM3D(PointMAE):
             return 1.0, 1.0, g.lambda_gc
         return g.lambda_point, g.lambda_feat, g.lambda_gc
 
+    def masked_view(self, groups, *, epoch: int, generator: torch.Generator | None = None, need_scores=None):
+        """The teacher's scores (or None) and the GM3D mask for ``groups`` at ``epoch``."""
+        G = self.student.mask_centers(groups).shape[1]
+        n_sel = self.masker.num_selected(epoch, G)
+        want = (n_sel > 0 or self.training) if need_scores is None else need_scores
+        scores = self.teacher_scores(groups) if want else None
+        mask = self.masker(self.student.mask_centers(groups), generator=generator, epoch=epoch, scores=scores)
+        return scores, mask
+
     def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor, *, epoch: int = 0,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         points = batch["points"] if isinstance(batch, dict) else batch
-        p = self.group(points)
-        G = p.center.shape[1]
-        n_sel = self.masker.num_selected(epoch, G)
-        scores = self.teacher_scores(p.neighborhood, p.center) if n_sel > 0 or self.training else None
-        mask = self.masker(p.center, generator=generator, epoch=epoch, scores=scores)
+        groups = self.student.group(points)
+        scores, mask = self.masked_view(groups, epoch=epoch, generator=generator)
         M = int(mask[0].sum())
-
-        x_vis = self.MAE_encoder(p.neighborhood, p.center, mask)
-        _, l_p, l_f, gc_target = self.per_patch_terms(p, mask, x_vis)
-        gc_tokens = self.decode(x_vis, p.center, mask, self.mask_token_loss_pred, self.MAE_decoder_loss_pred)
-        g_hat = self.increase_dim_2(gc_tokens)[:, -M:]                                            # (B, M)
+        encoded = self.student.encode(groups, mask)
+        _, l_p, l_f, gc_target = self.per_patch_terms(groups, mask, encoded)
+        g_hat = self.student_scores(groups, mask, encoded)                                     # (B, M)
         l_gc = gc_ranking_loss(g_hat.float(), gc_target)
         w_point, w_feat, w_gc = self.loss_weights(epoch)
         loss_point = l_p.mean()
@@ -314,3 +356,21 @@ class PointMAEGM3D(PointMAE):
         rho = spearman_per_row(t_masked, gc_target).mean().item()
         self._stats["gc_rank_corr"] = self._stats.get("gc_rank_corr", 0.0) + rho
         self._n_stats += 1
+
+
+@MODELS.register("PointMAE_GM3D", "Point_MAE_GM3D")
+class PointMAEGM3D(GM3D):
+    """Point-MAE + GeoMask3D: :class:`GM3D` over :class:`~models.point_mae.PointMAE` (same arguments,
+    plus ``gm3d`` and an optional pre-built ``knowledge_teacher``)."""
+
+    ARCH = "point_mae"
+
+    def __init__(self, group_size: int = 32, num_group: int = 64, loss: Literal["cdl1", "cdl2"] = "cdl2",
+                 transformer_config: dict | None = None, embed_visible_only: bool = True,
+                 mask: dict | None = None, gm3d: dict | None = None,
+                 knowledge_teacher: EncoderTeacher | None = None):
+        tc = {k: v for k, v in (transformer_config or {}).items() if k != "mask_type"}
+        student_mask = {k: v for k, v in (mask or {}).items() if k in ("ratio", "count")}
+        student = PointMAE(group_size, num_group, loss, tc, embed_visible_only, mask=student_mask)
+        super().__init__(student, mask=mask, gm3d=gm3d, knowledge_teacher=knowledge_teacher,
+                         transformer_config=transformer_config)

@@ -4,20 +4,46 @@ A strategy is called as ``strategy(center, generator=g, epoch=e, scores=s)`` and
 ``(B, G)`` mask, True = masked, with exactly the same masked count in every sample. Everything is
 vectorised on the centres' device and driven by an explicit ``torch.Generator``; no global RNG.
 
-* ``random``: Point-MAE's ``rand`` masking, ``int(ratio * G)`` masked patches chosen uniformly.
-* ``block``: Point-MAE's ``block`` masking, the ``int(ratio * G)`` centres nearest a random centre.
-* ``gm3d``: GeoMask3D, see :class:`GM3DMask` (added with the GM3D objective).
+* ``random``: Point-MAE's ``rand`` masking, the masked patches chosen uniformly.
+* ``block``: Point-MAE's ``block`` masking, the centres nearest a random centre.
+* ``gm3d``: GeoMask3D, see :class:`GM3DMask`.
+
+Everything about the mask has one home: the ``model.mask`` config block (:class:`MaskConfig`: strategy,
+ratio, count rule, curriculum), built by :func:`build_mask`, and one function for the masked count,
+:func:`num_masked`. The two official conventions differ and both are kept by name (``count``):
+
+* ``point_mae``: ``int(ratio * G)`` patches masked (Point-MAE; 38 of 64 at ratio 0.6);
+* ``gm3d``: ``int(G * (1 - ratio))`` patches kept, the rest masked (GM3D / HPM; 39 of 64).
+
+Each strategy defaults to its paper's rule (``random`` / ``block``: ``point_mae``, ``gm3d``: ``gm3d``);
+a comparison of strategies sets one rule for every arm so that all mask the same count.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Literal
+
 import torch
 
-from utils.registry import Registry
+from utils.errors import ConfigError
+from utils.registry import Registry, check_kwargs
 
 MASKS = Registry("mask strategies")
 
-__all__ = ["MASKS", "MaskStrategy", "RandomMask", "BlockMask", "uniform_noise", "mask_from_order"]
+__all__ = ["MASKS", "MaskStrategy", "RandomMask", "BlockMask", "GM3DMask", "MaskConfig", "build_mask",
+           "num_masked", "COUNT_RULES", "uniform_noise", "mask_from_order"]
+
+COUNT_RULES = ("point_mae", "gm3d")
+
+
+def num_masked(num_group: int, ratio: float, rule: str) -> int:
+    """Masked patches out of ``num_group`` at ``ratio`` under the named official convention."""
+    if rule == "point_mae":
+        return int(ratio * num_group)
+    if rule == "gm3d":
+        return num_group - int(num_group * (1 - ratio))
+    raise ConfigError(f"unknown mask count rule {rule!r}; expected one of {', '.join(COUNT_RULES)}")
 
 
 def uniform_noise(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None):
@@ -34,24 +60,39 @@ def mask_from_order(order: torch.Tensor, num_visible: int) -> torch.Tensor:
 
 
 class MaskStrategy:
-    """Base class. Args: ratio: fraction of patches to mask."""
+    """Base class.
+
+    Args:
+        ratio: fraction of patches to mask.
+        count: masked-count rule (:func:`num_masked`); None = the strategy's own paper convention.
+    """
 
     needs_scores = False
+    default_count = "point_mae"
 
-    def __init__(self, ratio: float = 0.6):
+    def __init__(self, ratio: float = 0.6, count: str | None = None):
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
         self.ratio = ratio
+        self.count = count or self.default_count
+        num_masked(1, ratio, self.count)  # validates the rule name
 
     def num_masked(self, num_group: int) -> int:
-        return int(self.ratio * num_group)
+        return num_masked(num_group, self.ratio, self.count)
+
+    def num_selected(self, epoch: int, num_group: int) -> int:
+        """Patches chosen by score at ``epoch`` (0 for strategies that use no scores)."""
+        return 0
+
+    def set_total_epochs(self, total_epochs: int) -> None:
+        """The run's length (for curricula); ignored by strategies without one."""
 
     def __call__(self, center: torch.Tensor, *, generator: torch.Generator | None = None, epoch: int = 0,
                  scores: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(ratio={self.ratio})"
+        return f"{type(self).__name__}(ratio={self.ratio}, count={self.count!r})"
 
 
 @MASKS.register("random", "rand")
@@ -109,10 +150,11 @@ class GM3DMask(MaskStrategy):
     """
 
     needs_scores = True
+    default_count = "gm3d"
 
     def __init__(self, ratio: float = 0.6, alpha_max: float = 0.5, schedule: str = "linear",
-                 total_epochs: int = 1):
-        super().__init__(ratio)
+                 total_epochs: int = 1, count: str | None = None):
+        super().__init__(ratio, count)
         if not 0.0 <= alpha_max <= 1.0:
             raise ValueError(f"alpha_max must be in [0, 1], got {alpha_max}")
         curriculum_alpha(0, 1, alpha_max, schedule)  # validates the schedule name
@@ -120,9 +162,6 @@ class GM3DMask(MaskStrategy):
 
     def set_total_epochs(self, total_epochs: int) -> None:
         self.total_epochs = max(1, int(total_epochs))
-
-    def num_masked(self, num_group: int) -> int:
-        return num_group - int(num_group * (1 - self.ratio))
 
     def num_selected(self, epoch: int, num_group: int) -> int:
         """N_sel at ``epoch`` for ``num_group`` patches."""
@@ -142,5 +181,61 @@ class GM3DMask(MaskStrategy):
         return mask_from_order(noise.argsort(dim=1), n_keep)
 
     def __repr__(self) -> str:
-        return (f"GM3DMask(ratio={self.ratio}, alpha_max={self.alpha_max}, schedule={self.schedule!r}, "
-                f"total_epochs={self.total_epochs})")
+        return (f"GM3DMask(ratio={self.ratio}, count={self.count!r}, alpha_max={self.alpha_max}, "
+                f"schedule={self.schedule!r}, total_epochs={self.total_epochs})")
+
+
+@dataclass
+class MaskConfig:
+    """The ``model.mask`` block: everything that decides which patches are hidden.
+
+    Args:
+        strategy: a registered strategy (``random``/``rand``, ``block``, ``gm3d``).
+        ratio: mask ratio r.
+        count: masked-count rule, ``point_mae`` or ``gm3d`` (None = the strategy's own convention).
+        alpha_max: GM3D: final share of the masked patches chosen by GC score.
+        curriculum: GM3D: ``linear`` over all epochs or ``mid`` (alpha_max at mid-training).
+    """
+
+    strategy: str = "rand"
+    ratio: float = 0.6
+    count: Literal["point_mae", "gm3d"] | None = None
+    alpha_max: float = 0.5
+    curriculum: Literal["linear", "mid"] = "linear"
+
+
+def resolve_mask_config(mask: dict[str, Any] | None, transformer_config: dict[str, Any] | None, *,
+                        where: str = "model") -> MaskConfig:
+    """One :class:`MaskConfig` from the ``mask`` block and the official ``transformer_config`` keys.
+
+    ``transformer_config.mask_ratio`` / ``mask_type`` are the official spellings of ``mask.ratio`` /
+    ``mask.strategy``; either place may set them, and a disagreement is a :class:`ConfigError`.
+    """
+    m = dict(mask or {})
+    check_kwargs(MaskConfig, m, f"{where}.mask")
+    tc = transformer_config or {}
+    for official, ours in (("mask_ratio", "ratio"), ("mask_type", "strategy")):
+        if official in tc:
+            if ours in m and m[ours] != tc[official]:
+                raise ConfigError(f"{where}: transformer_config.{official}={tc[official]!r} disagrees with "
+                                  f"mask.{ours}={m[ours]!r}; set it in one place")
+            m[ours] = tc[official]
+    cfg = MaskConfig(**m)
+    if cfg.strategy not in MASKS:
+        raise ConfigError(f"{where}.mask.strategy: unknown mask strategy {cfg.strategy!r}; registered: "
+                          f"{', '.join(MASKS.list())}")
+    if not 0.0 < cfg.ratio < 1.0:
+        raise ConfigError(f"{where}.mask.ratio (transformer_config.mask_ratio) must be in (0, 1), got {cfg.ratio}")
+    if cfg.count is not None and cfg.count not in COUNT_RULES:
+        raise ConfigError(f"{where}.mask.count must be one of {', '.join(COUNT_RULES)} or null, got {cfg.count!r}")
+    if not 0.0 <= cfg.alpha_max <= 1.0:
+        raise ConfigError(f"{where}.mask.alpha_max must be in [0, 1], got {cfg.alpha_max}")
+    return cfg
+
+
+def build_mask(cfg: MaskConfig) -> MaskStrategy:
+    """The strategy of a resolved :class:`MaskConfig`."""
+    cls = MASKS.get(cfg.strategy)
+    if cls is GM3DMask:
+        return GM3DMask(cfg.ratio, alpha_max=cfg.alpha_max, schedule=cfg.curriculum, count=cfg.count)
+    return cls(cfg.ratio, count=cfg.count)

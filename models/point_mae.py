@@ -13,12 +13,14 @@ import torch
 from torch import nn
 
 from extensions import Patches, chamfer_l1, chamfer_l2, group
+from models.base import EncoderTeacher, MaskedAutoencoder
 from models.build import MODELS
 from models.layers import PatchEmbed, PosEmbed, TransformerDecoder, TransformerEncoder
-from models.masking import MASKS, MaskStrategy
+from models.masking import MaskStrategy, build_mask, resolve_mask_config
+from utils.errors import ConfigError
 from utils.registry import check_kwargs
 
-__all__ = ["TransformerConfig", "PointMAEEncoder", "PointMAE", "pool_tokens"]
+__all__ = ["TransformerConfig", "PointMAEEncoder", "PointMAE", "PointMAETeacher", "pool_tokens"]
 
 
 @dataclass
@@ -26,8 +28,9 @@ class TransformerConfig:
     """The official ``transformer_config`` block of a Point-MAE model config.
 
     Args:
-        mask_ratio: fraction of patches masked in pre-training.
-        mask_type: mask strategy name (``rand``/``random``, ``block``, ``gm3d``).
+        mask_ratio: fraction of patches masked in pre-training (official spelling of ``model.mask.ratio``).
+        mask_type: mask strategy name (``rand``/``random``, ``block``, ``gm3d``; official spelling of
+            ``model.mask.strategy``).
         trans_dim: token width of the encoder and decoder.
         encoder_dims: output width of the patch embedding (equal to trans_dim in every official config).
         depth: encoder blocks.
@@ -136,8 +139,38 @@ class PointMAEEncoder(nn.Module):
         return self.norm(x)
 
 
+class PointMAETeacher(EncoderTeacher):
+    """Frozen pre-trained Point-MAE encoder (+ its point head, used by GM3D variant B only).
+
+    Keys mirror the official pre-training checkpoint (``MAE_encoder.*``, ``increase_dim.0.*``), so the
+    official ``pretrain.pth`` loads into it through the Point-MAE adapter without renaming.
+    """
+
+    ARCH = "point_mae"
+
+    def __init__(self, tc: TransformerConfig, group_size: int):
+        super().__init__()
+        self.MAE_encoder = PointMAEEncoder(tc.trans_dim, tc.encoder_dims, tc.depth, tc.num_heads, 0.0,
+                                           embed_visible_only=False)
+        self.increase_dim = nn.Sequential(nn.Conv1d(tc.trans_dim, 3 * group_size, 1))
+        self.token_dim = tc.trans_dim
+        self.freeze()
+
+    def encode_full(self, groups: Patches) -> torch.Tensor:
+        return self.MAE_encoder(groups.neighborhood, groups.center)
+
+    def point_head_loss(self, f_hat: torch.Tensor, f_t: torch.Tensor, loss_fn) -> torch.Tensor:
+        B, M, _ = f_hat.shape
+        head = self.increase_dim
+        K = head[0].out_channels // 3
+        pred_pts = head(f_hat.float().transpose(1, 2).to(head[0].weight.dtype))
+        kt_pts = head(f_t.transpose(1, 2))
+        return loss_fn(pred_pts.transpose(1, 2).reshape(B * M, K, 3).float(),
+                       kt_pts.transpose(1, 2).reshape(B * M, K, 3).float(), reduction="none").view(B, M)
+
+
 @MODELS.register("PointMAE", "Point_MAE")
-class PointMAE(nn.Module):
+class PointMAE(MaskedAutoencoder):
     """Point-MAE pre-training model: mask patches, encode the visible ones, reconstruct the rest.
 
     Args:
@@ -146,15 +179,23 @@ class PointMAE(nn.Module):
         loss: Chamfer flavour for the reconstruction, ``cdl2`` (official default) or ``cdl1``.
         transformer_config: the official nested block, see :class:`TransformerConfig`.
         embed_visible_only: see :class:`PointMAEEncoder`.
+        mask: the ``model.mask`` block (:class:`~models.masking.MaskConfig`); the official
+            ``transformer_config.mask_ratio`` / ``mask_type`` fill it too.
     """
 
+    ARCH = "point_mae"
+
     def __init__(self, group_size: int = 32, num_group: int = 64, loss: Literal["cdl1", "cdl2"] = "cdl2",
-                 transformer_config: dict | None = None, embed_visible_only: bool = True):
+                 transformer_config: dict | None = None, embed_visible_only: bool = True,
+                 mask: dict | None = None):
         super().__init__()
         tc = TransformerConfig.from_dict(transformer_config)
+        mcfg = resolve_mask_config(mask, transformer_config)
+        tc.mask_ratio, tc.mask_type = mcfg.ratio, mcfg.strategy
         self.config = {"group_size": group_size, "num_group": num_group, "loss": loss,
-                       "transformer_config": asdict(tc)}
+                       "transformer_config": asdict(tc), "mask": asdict(mcfg)}
         self.group_size, self.num_group, self.tc = group_size, num_group, tc
+        self.token_dim = tc.trans_dim
         self.MAE_encoder = PointMAEEncoder(tc.trans_dim, tc.encoder_dims, tc.depth, tc.num_heads,
                                            tc.drop_path_rate, embed_visible_only)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, tc.trans_dim))
@@ -164,11 +205,11 @@ class PointMAE(nn.Module):
         self.MAE_decoder.apply(_init_xavier)
         self.increase_dim = nn.Sequential(nn.Conv1d(tc.trans_dim, 3 * group_size, 1))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.masker: MaskStrategy = self.build_masker(tc)
+        self.masker: MaskStrategy = build_mask(mcfg)
+        if self.masker.needs_scores:
+            raise ConfigError(f"model: mask strategy {mcfg.strategy!r} needs GC scores, which plain Point-MAE "
+                              f"does not compute; use model.NAME: Point_MAE_GM3D (GM3D wraps this model)")
         self.loss_fn = chamfer_l2 if loss == "cdl2" else chamfer_l1
-
-    def build_masker(self, tc: TransformerConfig) -> MaskStrategy:
-        return MASKS.get(tc.mask_type)(tc.mask_ratio)
 
     # ------------------------------------------------------------------ pieces
     def group(self, points: torch.Tensor) -> Patches:
@@ -184,8 +225,7 @@ class PointMAE(nn.Module):
         """
         B, n_vis, C = x_vis.shape
         n_mask = mask.shape[1] - n_vis
-        pos = self.decoder_pos_embed(torch.cat([center[~mask].view(B, n_vis, 3),
-                                                center[mask].view(B, n_mask, 3)], 1))
+        pos = self._decoder_pos(center, mask)
         x = torch.cat([x_vis, mask_token.to(x_vis.dtype).expand(B, n_mask, C)], 1)
         return decoder(x, pos, return_token_num)
 
@@ -200,6 +240,41 @@ class PointMAE(nn.Module):
         """(B, N, 3) complete clouds -> (B, C) mean+max pooled encoder tokens (linear-SVM feature)."""
         p = self.group(points)
         return pool_tokens(self.MAE_encoder(p.neighborhood, p.center))
+
+    # ------------------------------------------------------------------ the backbone contract
+    def mask_centers(self, groups: Patches) -> torch.Tensor:
+        return groups.center
+
+    def encode(self, groups: Patches, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.MAE_encoder(groups.neighborhood, groups.center, mask)
+
+    def mask_scale_tokens(self, encoded: torch.Tensor) -> torch.Tensor:
+        return encoded
+
+    def decoder_positions(self, groups: Patches, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._decoder_pos(groups.center, mask)
+
+    def _decoder_pos(self, center: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            return self.decoder_pos_embed(center)
+        B, G, _ = center.shape
+        n_vis = G - int(mask[0].sum())
+        return self.decoder_pos_embed(torch.cat([center[~mask].view(B, n_vis, 3),
+                                                 center[mask].view(B, G - n_vis, 3)], 1))
+
+    def reconstruct_masked(self, groups: Patches, mask: torch.Tensor, encoded: torch.Tensor):
+        B, M, K = mask.shape[0], int(mask[0].sum()), self.group_size
+        f_hat = self.decode(encoded, groups.center, mask, self.mask_token, self.MAE_decoder, M)
+        pred = self.reconstruct(f_hat).reshape(B * M, K, 3).float()
+        target = groups.neighborhood[mask].view(B * M, K, 3).float()
+        return f_hat, self.loss_fn(pred, target, reduction="none").view(B, M)
+
+    def decoder_spec(self) -> dict[str, float]:
+        return {"num_heads": self.tc.decoder_num_heads, "drop_path_rate": self.tc.drop_path_rate}
+
+    def build_knowledge_teacher(self, teacher_model: dict | None = None) -> PointMAETeacher:
+        tc = TransformerConfig.from_dict(teacher_model, "model.gm3d.teacher_model") if teacher_model else self.tc
+        return PointMAETeacher(tc, self.group_size)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder weights under the official pre-training key names (``MAE_encoder.*``)."""

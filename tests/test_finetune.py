@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from models.classifier import PointTransformer
-from models.convert import classifier_new_keys, load_finetuned, load_pretrained_encoder, pretrained_to_classifier
+from models.adapters import PointMAEAdapter
+from tools.pretrained import load_finetuned, load_pretrained_encoder
 from models.point_mae import PointMAE
 from tests.helpers import TINY_TC, official_point_mae_keys
 from tools.checkpoint import CheckpointError, atomic_save
@@ -102,7 +103,7 @@ def test_official_pretrain_checkpoint_loads_with_exactly_the_head_missing(tmp_pa
     sd = fake_official_pretrain(tmp_path / "pretrain.pth", mae)
     model = tiny_classifier()
     info = load_pretrained_encoder(model, tmp_path / "pretrain.pth")
-    assert set(info["missing"]) == {"cls_token", "cls_pos"} | HEAD == classifier_new_keys(model)
+    assert set(info["missing"]) == {"cls_token", "cls_pos"} | HEAD == PointMAEAdapter().finetune_new_keys(model)
     mine = model.state_dict()
     for k, v in sd.items():
         if k.startswith("module.MAE_encoder."):
@@ -128,9 +129,9 @@ def test_other_pretrain_layouts_map_to_the_same_keys(tmp_path, layout):
         sd = dict(gm.state_dict())
         assert any(k.startswith("ema.") for k in sd) and any(k.startswith("MAE_decoder_loss_pred.") for k in sd)
         ckpt = {"base_model": sd, "model_name": "PointMAEGM3D", "epoch": 3}
-    mapped, info = pretrained_to_classifier(ckpt, source="ema" if layout == "ema" else "student")
     model = tiny_classifier()
-    assert set(model.state_dict()) - set(mapped) == classifier_new_keys(model)
+    mapped, info = PointMAEAdapter().finetune_state(model, ckpt, source="ema" if layout == "ema" else "student")
+    assert set(model.state_dict()) - set(mapped) == PointMAEAdapter().finetune_new_keys(model)
     prefix = "ema.MAE_encoder." if layout == "ema" else "MAE_encoder."
     key = "blocks.blocks.1.mlp.fc1.weight"
     torch.testing.assert_close(mapped[key], sd.get(prefix + key, sd.get("base_model." + prefix + key)))

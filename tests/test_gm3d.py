@@ -8,6 +8,7 @@ from models.losses import gc_ranking_loss, normalized_mse, spearman_per_row
 from models.point_mae import PointMAE
 from tests.helpers import TINY_TC
 from tools.checkpoint import CheckpointError, atomic_save
+from tools.pretrained import load_knowledge_teacher
 
 
 def _mae():
@@ -24,10 +25,15 @@ def official_teacher_ckpt(tmp_path):
     return str(path)
 
 
-def gm3d(variant="C", teacher=None, **g):
+def gm3d(variant="C", teacher=None, alpha_max=0.5, **g):
+    """A tiny GM3D model built as tools.builders does: the model, then its teacher's weights from a file."""
     torch.manual_seed(1)
     cfg = {"variant": variant, "gc_decoder_depth": 2, "teacher_ckpt": teacher, **g}
-    return PointMAEGM3D(group_size=8, num_group=16, transformer_config=TINY_TC, gm3d=cfg)
+    m = PointMAEGM3D(group_size=8, num_group=16, transformer_config=TINY_TC, gm3d=cfg,
+                     mask={"alpha_max": alpha_max})
+    if m.knowledge_teacher is not None:
+        load_knowledge_teacher(m.knowledge_teacher, teacher)
+    return m
 
 
 def batch(B=3, seed=0):
@@ -161,7 +167,7 @@ def test_teacher_top_scores_are_masked_and_metrics(official_teacher_ckpt):
     m = gm3d("C", official_teacher_ckpt, alpha_max=1.0)
     m.on_epoch_start(3, 4)  # alpha = 1: every masked patch is GC-selected
     p = m.group(batch()["points"])
-    scores = m.teacher_scores(p.neighborhood, p.center)
+    scores = m.teacher_scores(p)
     mask = m.masker(p.center, generator=torch.Generator().manual_seed(0), epoch=3, scores=scores)
     n_sel = m.masker.num_selected(3, 16)
     assert n_sel == 16 - int(16 * 0.4)
@@ -169,3 +175,35 @@ def test_teacher_top_scores_are_masked_and_metrics(official_teacher_ckpt):
     m(batch(), epoch=3, generator=torch.Generator().manual_seed(0))
     metrics = m.extra_metrics()
     assert metrics["n_sel"] == n_sel and -1.0 <= metrics["gc_rank_corr"] <= 1.0
+
+
+def test_unloaded_knowledge_teacher_is_an_error_not_a_random_teacher(official_teacher_ckpt):
+    torch.manual_seed(1)
+    m = PointMAEGM3D(group_size=8, num_group=16, transformer_config=TINY_TC,
+                     gm3d={"variant": "C", "gc_decoder_depth": 2, "teacher_ckpt": official_teacher_ckpt})
+    assert not m.knowledge_teacher.loaded
+    with pytest.raises(CheckpointError, match="knowledge teacher has no weights"):
+        m(batch(), epoch=0, generator=torch.Generator().manual_seed(0))
+    m.load_state_dict(gm3d("C", official_teacher_ckpt).state_dict())  # a run checkpoint carries the teacher
+    assert m.knowledge_teacher.loaded
+    assert torch.isfinite(m(batch(), epoch=0, generator=torch.Generator().manual_seed(0))["loss"])
+
+
+def test_gm3d_keys_are_the_students_plus_the_gc_branch_and_teachers(official_teacher_ckpt):
+    m = gm3d("C", official_teacher_ckpt)
+    keys = set(m.state_dict())
+    student = set(_mae().state_dict())
+    assert student <= keys
+    rest = {k.split(".")[0] for k in keys - student}
+    assert rest == {"mask_token_loss_pred", "MAE_decoder_loss_pred", "increase_dim_2", "ema", "knowledge_teacher"}
+    assert {k[len("ema."):] for k in keys if k.startswith("ema.")} == {
+        k for k in keys if not k.startswith(("ema.", "knowledge_teacher."))}
+
+
+def test_gm3d_alpha_max_in_the_gm3d_block_names_its_new_home():
+    from utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"alpha_max moved to the mask block: write model.mask.alpha_max: 0.8"):
+        PointMAEGM3D(group_size=8, num_group=16, transformer_config=TINY_TC, gm3d={"alpha_max": 0.8})
+    with pytest.raises(ConfigError, match="always masks with 'gm3d'"):
+        PointMAEGM3D(group_size=8, num_group=16, transformer_config=TINY_TC, mask={"strategy": "block"})

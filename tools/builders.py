@@ -10,6 +10,7 @@ import torch
 from datasets import build_dataset
 from models import build_model
 from tools import checkpoint as ckpt_io
+from tools.pretrained import load_knowledge_teacher
 from utils.errors import ConfigError
 
 
@@ -38,14 +39,24 @@ def build_transform(cfg: Mapping[str, Any]):
     return build_transforms(list(spec)) if spec else None
 
 
-def build_model_from_cfg(cfg: Mapping[str, Any], **extra: Any) -> torch.nn.Module:
+def build_model_from_cfg(cfg: Mapping[str, Any], *, load_teacher: bool = True, **extra: Any) -> torch.nn.Module:
+    """The config's model. A GM3D model's knowledge teacher is loaded here from ``model.gm3d.teacher_ckpt``
+    through the backbone's checkpoint adapter (models read no files); ``load_teacher=False`` leaves it
+    weightless, for a caller that loads a run checkpoint holding the teacher's weights next."""
     model_cfg = dict(section(cfg, "model"))
-    return build_model(model_cfg, where="model", **extra)
+    model = build_model(model_cfg, where="model", **extra)
+    teacher = getattr(model, "knowledge_teacher", None)
+    if load_teacher and teacher is not None and not teacher.loaded:
+        path = model.gcfg.teacher_ckpt
+        if not path:
+            raise ConfigError("model.gm3d.teacher_ckpt: GM3D variants B and C need a knowledge-teacher checkpoint")
+        load_knowledge_teacher(teacher, path)
+    return model
 
 
 def load_pretrained_for_eval(cfg: Mapping[str, Any], ckpt: str | None, device: torch.device) -> torch.nn.Module:
     """The config's pre-training model, with a checkpoint's weights when given (exact key check)."""
-    model = build_model_from_cfg(cfg)
+    model = build_model_from_cfg(cfg, load_teacher=not ckpt)
     if ckpt:
         state = ckpt_io.load_file(ckpt)
         ckpt_io.load_state_dict_checked(model, ckpt_io.extract_state_dict(state, ckpt), what=ckpt)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from utils.errors import CheckpointError
+from utils.state_dict import check_keys, extract_state_dict, load_state_dict_checked  # noqa: F401 (re-exported)
 
 FORMAT = "geomask3d-1"
 
@@ -55,58 +56,6 @@ def load_file(path: str | Path) -> dict:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return dict(obj)
-
-
-def extract_state_dict(ckpt: Mapping[str, Any], path: str | Path = "<checkpoint>") -> dict[str, torch.Tensor]:
-    """The model weights of any supported layout, with a leading ``module.`` removed from each key."""
-    for key in ("base_model", "model", "state_dict", "model_state_dict"):
-        if key in ckpt and isinstance(ckpt[key], Mapping):
-            sd = ckpt[key]
-            break
-    else:
-        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            sd = ckpt
-        else:
-            raise CheckpointError(
-                f"{path}: no model weights found; expected one of the keys 'base_model', 'model', "
-                f"'state_dict', 'model_state_dict', got {sorted(ckpt)[:10]}")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
-
-
-def check_keys(model_keys: Iterable[str], loaded_keys: Iterable[str], *, allowed_missing: Iterable[str] = (),
-               allowed_unexpected_prefixes: Iterable[str] = (), what: str = "checkpoint") -> None:
-    """Raise CheckpointError unless missing keys are exactly ``allowed_missing`` (a subset is an error
-    too only if keys outside it are missing) and unexpected keys all start with an allowed prefix."""
-    model_keys, loaded_keys = set(model_keys), set(loaded_keys)
-    missing = model_keys - loaded_keys
-    unexpected = {k for k in loaded_keys - model_keys
-                  if not any(k.startswith(p) for p in allowed_unexpected_prefixes)}
-    bad_missing = missing - set(allowed_missing)
-    if bad_missing or unexpected:
-        def show(keys):
-            keys = sorted(keys)
-            return ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
-        parts = []
-        if bad_missing:
-            parts.append(f"missing keys: {show(bad_missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        raise CheckpointError(f"{what} does not match the model; " + "; ".join(parts))
-
-
-def load_state_dict_checked(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *,
-                            allowed_missing: Iterable[str] = (), allowed_unexpected_prefixes: Iterable[str] = (),
-                            what: str = "checkpoint") -> None:
-    """``load_state_dict`` after an exact key check and a shape check, naming every mismatch."""
-    own = module.state_dict()
-    check_keys(own, state_dict, allowed_missing=allowed_missing,
-               allowed_unexpected_prefixes=allowed_unexpected_prefixes, what=what)
-    shape_bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                 for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if shape_bad:
-        raise CheckpointError(f"{what} has tensors of the wrong shape: " + "; ".join(shape_bad[:8]))
-    filtered = {k: v for k, v in state_dict.items() if k in own}
-    module.load_state_dict(filtered, strict=False)
 
 
 def rng_state() -> dict[str, Any]:

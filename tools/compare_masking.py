@@ -8,7 +8,9 @@ For every seed, on the same config and epochs:
                      with the teacher's time included);
   * ``random (equal time)`` with ``--equal-time``: random masking trained for as many epochs as the
                      ``gm3d`` arm's wall-clock buys.
-Each run is the real CLI (``main_pretrain.py``) in a subprocess. The table (mean ± std over seeds of
+Every arm masks the same number of patches (``--count``, the masked-count rule of ``model.mask.count``:
+``gm3d`` keeps ``int(G (1 - r))`` visible, ``point_mae`` masks ``int(r G)``), so the arms differ only in
+which patches they hide. Each run is the real CLI (``main_pretrain.py``) in a subprocess. The table (mean ± std over seeds of
 the last-epoch SVM accuracy, the best-epoch accuracy selected on the test split, and the wall-clock)
 is printed and written to ``<out>/compare.md``.
 
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="experiments/compare_masking", help="folder for the runs and compare.md")
     p.add_argument("--jobs", type=int, default=1, help="seeds run in parallel (use threads=1 per run)")
+    p.add_argument("--count", choices=["gm3d", "point_mae"], default="gm3d",
+                   help="masked-count rule for every arm (model.mask.count), so all arms mask the same count")
     p.add_argument("--equal-time", action="store_true", help="add a random-masking arm given gm3d's wall-clock")
     p.add_argument("--gm3d", nargs="*", default=["model.gm3d.gc_decoder_depth=2", "model.gm3d.ema_decay_start=0.99",
                                                  "model.gm3d.ema_decay_end=0.995"],
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     gm3d_common = ["model.NAME=Point_MAE_GM3D", "model.transformer_config.mask_type=gm3d", *args.gm3d]
     def one_seed(seed: int) -> dict[str, dict]:
-        common = [f"seed={seed}", *args.opts]
+        common = [f"seed={seed}", f"model.mask.count={args.count}", *args.opts]
         res = {"random": run_arm(args.config, out / f"random_s{seed}", common)}
         res["gm3d (no KD)"] = run_arm(args.config, out / f"gm3d_s{seed}",
                                       [*common, *gm3d_common, "model.gm3d.variant=A"])
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Linear-SVM accuracy (%) on `{cfg.dataset.svm_test.get('NAME', '?')}` test split, mean ± std over "
         f"seeds {args.seeds}; `{args.config}` {' '.join(args.opts)}; {cfg.max_epoch} epochs; "
+        f"masked-count rule `{args.count}` for every arm; "
         f"{platform.processor() or platform.machine()}, {cfg.threads or torch.get_num_threads()} thread(s) per run, "
         f"{args.jobs} run(s) at a time, {cfg.precision}.",
         "",

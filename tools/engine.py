@@ -6,9 +6,11 @@ warm-up + cosine schedule, progress bars, TensorBoard, one JSON line of metrics 
 checkpoints and exact resume.
 
 A model plugs in by returning a dict with a differentiable ``loss`` (plus detached terms to log) from
-``model(batch, epoch=..., generator=...)``. Optional hooks on the model: ``on_epoch_start(epoch,
-max_epoch)``, ``after_step()`` (after every optimizer step, e.g. an EMA update), ``extra_metrics()``
-(dict of floats for the epoch log, reset by the model at epoch start).
+``model(batch, epoch=..., generator=...)``. The engine calls the explicit hooks of
+:class:`models.base.TrainHooks` (no-ops by default, which every model of the project derives from):
+``on_epoch_start(epoch, max_epoch)``, ``after_step()`` (after every optimizer step, e.g. an EMA
+update) and ``extra_metrics()`` (floats for the epoch log, reset by the model at epoch start). A plain
+``nn.Module`` gets the no-op hooks.
 
 Randomness: at the start of epoch ``e`` every RNG (python, numpy, torch, the sampler, and the
 generator handed to the model and the augmentations) is re-seeded from ``(seed, e, rank)``, so a run
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
+from models.base import TrainHooks
 from tools import checkpoint as ckpt_io
 from tools.optim import build_optimizer, lr_at, set_lr
 from utils import dist
@@ -38,6 +41,11 @@ from utils.misc import derive_seed, seed_everything, to_device, unwrap
 log = logging.getLogger(__name__)
 
 __all__ = ["Trainer", "Evaluator", "NonFiniteLossError", "autocast_context"]
+
+
+def hooks_of(model: nn.Module) -> TrainHooks:
+    """The model itself when it implements :class:`~models.base.TrainHooks`, else the no-op hooks."""
+    return model if isinstance(model, TrainHooks) else TrainHooks()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -228,11 +236,11 @@ class Trainer:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
         gen = torch.Generator(device="cpu").manual_seed(derive_seed(base, 1))
-        if hasattr(self.train_set, "set_epoch"):
-            self.train_set.set_epoch(epoch)
-        hook_model = unwrap(self.model)
-        if hasattr(hook_model, "on_epoch_start"):
-            hook_model.on_epoch_start(epoch, self.max_epoch)
+        set_epoch = getattr(self.train_set, "set_epoch", None)  # data sets with per-epoch sampling
+        if set_epoch is not None:
+            set_epoch(epoch)
+        hook_model = hooks_of(unwrap(self.model))
+        hook_model.on_epoch_start(epoch, self.max_epoch)
         sums: dict[str, float] = defaultdict(float)
         n_iter = len(self.loader)
         t0 = time.perf_counter()
@@ -265,8 +273,7 @@ class Trainer:
                 self.scaler.step(opt)
                 self.scaler.update()
                 opt.zero_grad(set_to_none=True)
-                if hasattr(hook_model, "after_step"):
-                    hook_model.after_step()
+                hook_model.after_step()
             for k, v in out.items():
                 if torch.is_tensor(v) and v.numel() == 1:
                     sums[k] += float(v.detach())
@@ -278,8 +285,7 @@ class Trainer:
             bar.close()
         elapsed = time.perf_counter() - t0
         metrics = {f"train/{k}": v / n_iter for k, v in sums.items()}
-        if hasattr(hook_model, "extra_metrics"):
-            metrics.update({f"train/{k}": v for k, v in hook_model.extra_metrics().items()})
+        metrics.update({f"train/{k}": v for k, v in hook_model.extra_metrics().items()})
         metrics = dist.all_reduce_mean(metrics, self.device)
         metrics["lr"] = lr
         metrics["time_s"] = elapsed

@@ -15,7 +15,7 @@ GM3D ``ckpt-*.pth``, even a fine-tuned classifier) in, accuracy out, on any clas
 
 The config gives the encoder's architecture (its ``model`` section: a pre-training ``transformer_config``
 or the flat fine-tune keys) and ``npoints``; the checkpoint's encoder is found by
-:func:`models.convert.pretrained_to_classifier` (every encoder key required, shapes checked). Data, in
+:meth:`models.adapters.PointMAEAdapter.encoder_weights` (every encoder key required, shapes checked). Data, in
 order of precedence: ``--dataset-config FILE`` (its train / test subsets), the config's
 ``dataset.svm_train`` / ``dataset.svm_test``, else its ``dataset.train`` / ``dataset.test``. Clouds with
 more than ``npoints`` points are reduced by deterministic FPS.
@@ -130,11 +130,11 @@ class EncoderFeatures(nn.Module):
 
     def load_checkpoint(self, path: str, source: str = "student") -> dict:
         """Load the encoder of any supported checkpoint; every encoder key must be present."""
-        from models.convert import ENCODER_PREFIXES, pretrained_to_classifier
+        from models.adapters import PointMAEAdapter
         from tools import checkpoint as ckpt_io
 
-        state, info = pretrained_to_classifier(ckpt_io.load_file(path), source=source, where=str(path))
-        state = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+        state, info = PointMAEAdapter().encoder_weights(ckpt_io.load_file(path), source=source, where=str(path))
+        info.pop("extra")
         ckpt_io.load_state_dict_checked(self.encoder, state, what=f"encoder of {path} ({info['layout']})")
         return info
 

@@ -195,7 +195,7 @@ class AccuracyEvaluator:
 def build_finetune_model(cfg: Mapping[str, Any], *, ckpt: str | None = None, scratch: bool = False
                          ) -> tuple[nn.Module, dict[str, Any]]:
     """The config's classifier, with a pre-trained encoder from ``ckpt`` unless ``scratch``."""
-    from models.convert import load_pretrained_encoder
+    from tools.pretrained import load_pretrained_encoder
     from tools.builders import build_model_from_cfg
 
     if bool(ckpt) == bool(scratch):
@@ -247,7 +247,7 @@ def run_finetune(config: str, opts: list[str], *, exp_name: str = "default", run
                  ckpt: str | None = None, scratch: bool = False, test: str | None = None,
                  vote: bool = False, resume: bool = False) -> dict[str, Any]:
     """Fine-tune (or, with ``test``, only evaluate) a classifier; prints and returns the summary."""
-    from models.convert import load_finetuned
+    from tools.pretrained import load_finetuned
     from tools.builders import build_model_from_cfg, build_split, build_transform
     from tools.engine import Trainer
     from tools.runs import prepare_run

@@ -54,13 +54,23 @@ def prepare_run(config: str, opts: list[str], *, exp_name: str = "default", run_
 
 
 def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run_dir: str | None = None,
-                 resume: bool = False, stop_after_epoch: int | None = None) -> dict[str, Any]:
+                 resume: bool = False, stop_after_epoch: int | None = None,
+                 start_ckpts: str | None = None) -> dict[str, Any]:
+    """Pre-train the config's model. ``start_ckpts``: initialise it from a pre-training checkpoint
+    (official or this project's; strict key check, see :func:`tools.pretrained.load_start_checkpoint`)
+    and train with a fresh optimizer and schedule."""
     from tools.builders import build_model_from_cfg, build_split, build_svm_sets, build_transform
     from tools.eval_svm import SVMEvaluator
+    from tools.pretrained import load_start_checkpoint
 
+    if start_ckpts and resume:
+        raise ConfigError("--start_ckpts initialises a new run; --resume continues one with its own weights: "
+                          "pass one of them")
     cfg, device, out = prepare_run(config, opts, exp_name=exp_name, run_dir=run_dir, resume=resume)
     torch.manual_seed(cfg.seed)
     model = build_model_from_cfg(cfg)
+    if start_ckpts:
+        load_start_checkpoint(model, start_ckpts)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model %s: %.2fM trainable parameters", type(model).__name__, n_params / 1e6)
     train_set = build_split(cfg, "train")
