@@ -7,7 +7,7 @@ TINY_TC = {"mask_ratio": 0.6, "mask_type": "rand", "trans_dim": 48, "encoder_dim
 
 
 def official_point_mae_keys(depth: int = 12, decoder_depth: int = 4) -> set[str]:
-    """The official ``Point_MAE`` pre-training state_dict keys (REFERENCE.md section 3.2), by hand."""
+    """The official ``Point_MAE`` pre-training state_dict keys (docs/METHOD.md, section 7.1), by hand."""
     keys = {"mask_token", "MAE_encoder.norm.weight", "MAE_encoder.norm.bias",
             "MAE_decoder.norm.weight", "MAE_decoder.norm.bias", "increase_dim.0.weight", "increase_dim.0.bias"}
     for conv in ("first_conv", "second_conv"):

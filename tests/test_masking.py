@@ -54,7 +54,8 @@ def test_block_mask_masks_the_nearest_to_one_centre():
 
 
 def test_gm3d_curriculum_worked_numbers():
-    """SPEC section 4: T=400, M=39, alpha_max=0.5 -> N_sel 0 until epoch 19, 1 at 20, 4/9/19 at 99/199/399."""
+    """docs/METHOD.md, section 4.4: T=400, M=39, alpha_max=0.5 -> N_sel 0 up to epoch 19, 1 at 20,
+    4/9/19 at 99/199/399."""
     strat = GM3DMask(0.6, alpha_max=0.5)
     strat.set_total_epochs(400)
     n = [strat.num_selected(e, 64) for e in range(400)]

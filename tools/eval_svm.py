@@ -1,4 +1,4 @@
-"""Linear-SVM evaluation of a frozen encoder (SPEC decision 7).
+"""Linear-SVM evaluation of a frozen encoder (docs/METHOD.md, decision 7).
 
 Features: mean + max pooled encoder tokens of the complete (unmasked, un-augmented) cloud.
 Classifier: ``sklearn.svm.SVC(kernel="linear", C=C)`` on the raw features (C=0.01 as in GM3D/M2AE).

@@ -1,4 +1,4 @@
-"""Few-shot classification (REFERENCE.md section 6.7): way/shot settings x folds, mean ± std.
+"""Few-shot classification (docs/METHOD.md, section 6.4): way/shot settings x folds, mean ± std.
 
 Per fold the classifier is fine-tuned from the same initialisation (the pre-trained encoder, or the
 seeded random init with ``--scratch``) on the fold's ``way x shot`` support shapes and tested on its

@@ -1,6 +1,6 @@
 """Fine-tuning classification: train sampling, the accuracy evaluator, seeded voting, and the runner.
 
-Protocol (REFERENCE.md sections 4.7, 6.5, 6.6), with the evaluation-hygiene changes of section 9:
+Protocol (docs/METHOD.md, sections 6.2 and 6.3), with the reporting changes of its section 6.5:
 
 * Training sampling (:class:`TrainSampling`): FPS of every cloud to ``point_all`` points, then one random
   subset of ``npoints`` of those indices shared by the batch (the official RS-CNN trick), then the

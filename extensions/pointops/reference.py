@@ -5,7 +5,7 @@ path; only :func:`emd` solves its assignment with scipy on the CPU). Two familie
 compute the same results:
 
 On the CPU, where the ops are bound by memory traffic, the fastest plain-PyTorch formulations measured
-on the project's CPU (``shared/OPS.md``):
+on the project's CPU (``bench/ops.py``; tables in ``bench/README.md``):
 
 * FPS: per-coordinate planes, a Python loop over the samples vectorised over the batch.
 * kNN: exact squared distances computed plane by plane, then ``topk``; the square root is taken of
