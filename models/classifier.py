@@ -1,4 +1,4 @@
-"""Point-MAE fine-tuning classifier: the official ``PointTransformer`` (REFERENCE.md section 3.3).
+"""Point-MAE fine-tuning classifier: the official ``PointTransformer`` (docs/METHOD.md, section 6.2; keys in section 7.1).
 
 ``state_dict`` keys are exactly the official fine-tune model's, so released fine-tuned checkpoints
 (``modelnet_1k.pth``, ``scan_*.pth``) load strictly and pre-trained encoders map onto it by renaming
@@ -103,7 +103,7 @@ class PointTransformer(Classifier):
 
     @torch.no_grad()
     def extract_features(self, points: torch.Tensor) -> torch.Tensor:
-        """Linear-SVM feature of the fine-tuned encoder: mean + max of the patch tokens (SPEC 7)."""
+        """Linear-SVM feature: mean + max of the patch tokens (docs/METHOD.md, decision 7)."""
         x = self.tokens(points)[:, 1:]
         return x.mean(1) + x.amax(1)
 

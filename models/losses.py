@@ -9,7 +9,7 @@ __all__ = ["gc_ranking_loss", "normalized_mse", "spearman_per_row"]
 
 
 def gc_ranking_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """HPM's relative loss-prediction loss over ordered pairs of each row (SPEC 3.3).
+    """HPM's relative loss-prediction loss over ordered pairs of each row (docs/METHOD.md, section 4.3).
 
     For every sample b and ordered pair (i, j) with target_j != target_i the logit is
     ``pred_j - pred_i`` and the label is ``target_j > target_i``; binary cross-entropy with

@@ -135,7 +135,7 @@ def curriculum_alpha(epoch: int, total_epochs: int, alpha_max: float, schedule: 
 
 @MASKS.register("gm3d")
 class GM3DMask(MaskStrategy):
-    """GeoMask3D easy-to-hard masking (SPEC section 4).
+    """GeoMask3D easy-to-hard masking (docs/METHOD.md, section 4.4).
 
     ``N_keep = int(G * (1 - ratio))`` patches stay visible, ``M = G - N_keep`` are masked (39 of 64 at
     ratio 0.6). At epoch ``e`` the ``N_sel = int(M * alpha_e)`` patches with the highest teacher GC

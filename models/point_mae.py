@@ -80,7 +80,7 @@ def _init_xavier(module: nn.Module) -> None:
 
 
 def pool_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """(B, G, C) -> (B, C): mean + max over tokens, the linear-SVM feature (SPEC decision 7)."""
+    """(B, G, C) -> (B, C): mean + max over tokens, the linear-SVM feature (docs/METHOD.md, decision 7)."""
     return tokens.mean(1) + tokens.amax(1)
 
 
