@@ -43,7 +43,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_config, tmp_path, model_name):
     extra = {"eval": {"svm_every": 0}, "max_epoch": 3}
     if model_name == "Point_MAE_GM3D":
         extra["model"] = {**tiny_pretrain_cfg()["model"], "NAME": model_name,
-                          "gm3d": {"gc_decoder_depth": 1, "alpha_max": 1.0}}
+                          "gm3d": {"gc_decoder_depth": 1}, "mask": {"alpha_max": 1.0}}
     cfg = tiny_config(**extra)
     full, part = tmp_path / "full", tmp_path / "part"
     r = run_cli(["main_pretrain.py", "--config", str(cfg), "--run_dir", str(full)])
