@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from utils.errors import CheckpointError
+from utils.misc import umask_mode
 
 FORMAT = "geomask3d-1"
 
@@ -36,6 +37,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
