@@ -56,7 +56,7 @@ def prepare_run(config: str, opts: list[str], *, exp_name: str = "default", run_
 def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run_dir: str | None = None,
                  resume: bool = False, stop_after_epoch: int | None = None) -> dict[str, Any]:
     from tools.builders import build_model_from_cfg, build_split, build_svm_sets, build_transform
-    from tools.eval_svm import SVMEvaluator
+    from tools.svm import SVMEvaluator
 
     cfg, device, out = prepare_run(config, opts, exp_name=exp_name, run_dir=run_dir, resume=resume)
     torch.manual_seed(cfg.seed)
@@ -78,6 +78,8 @@ def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run
     trainer = Trainer(cfg, model, train_set, out, evaluators=evaluators, transform=build_transform(cfg),
                       resume=resume, device=device, stop_after_epoch=stop_after_epoch)
     summary = trainer.fit()
+    if cfg.eval.svm_every > 0:
+        summary["svm_test_count"] = len(svm_test)
     if dist.is_main_process():
         _report(summary, out)
     dist.cleanup()
@@ -85,12 +87,17 @@ def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run
 
 
 def _report(summary: dict[str, Any], out: Path) -> None:
+    from tools.stats import format_accuracy
+
     lines = [f"run folder: {out}"]
     init = summary.get("init") or {}
     if "init/svm_acc" in init:
         lines.append(f"linear SVM, randomly initialised encoder: {init['init/svm_acc']:.2f} %")
+    n_test = summary.get("svm_test_count")
     if summary.get("last_value") is not None:
         lines.append(f"linear SVM, last epoch ({summary['last_epoch']}): {summary['last_value']:.2f} %")
+        if n_test:
+            lines.append(f"  {format_accuracy(summary['last_value'], n_test)}")
     if summary.get("best_value") is not None:
         lines.append(f"linear SVM, best epoch ({summary['best_epoch']}, selected on the SVM test split): "
                      f"{summary['best_value']:.2f} %")
