@@ -79,7 +79,7 @@ def detect_data(path: str, mesh_points: int | None = None) -> DetectedData:
         found = probe(root, mesh_points)
         if found is not None:
             return found
-    raise DataError(f"--data '{path}': no known data layout there; " + _LAYOUTS_HINT.format(root=path))
+    raise DataError(f"--data '{path}': no known data layout there; " + _LAYOUTS_HINT.replace("{root}", path))
 
 
 def _modelnet(root: str, mesh_points: int | None) -> DetectedData | None:
