@@ -2,6 +2,7 @@
 
     python main_finetune.py --config cfgs/finetune/modelnet40.yaml --finetune CKPT [--vote] [key=value ...]
     python main_finetune.py --config cfgs/finetune/modelnet40.yaml --scratch
+    python main_finetune.py --config cfgs/finetune/modelnet40.yaml --scratch --data PATH   # your own folder
     python main_finetune.py --config cfgs/finetune/modelnet40.yaml --test FINETUNED_CKPT [--vote]
     python main_finetune.py --config cfgs/finetune/fewshot_modelnet40.yaml --fewshot --finetune CKPT
                             [--way 5 --shot 10] [--fold 0]
@@ -22,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from tools.cli import OVERRIDES_HELP, add_data_args, parse_with_overrides
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="fine-tuning YAML, e.g. cfgs/finetune/modelnet40.yaml")
     init = p.add_mutually_exclusive_group()
@@ -38,8 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exp_name", default="default", help="run folder name under experiments/<config stem>/")
     p.add_argument("--run_dir", default=None, help="explicit run folder (overrides --exp_name)")
     p.add_argument("--resume", action="store_true", help="continue a fine-tuning run from <run>/ckpt-last.pth")
-    p.add_argument("opts", nargs="*", help="config overrides, e.g. max_epoch=10 optimizer.kwargs.lr=5e-4")
-    args = p.parse_args(argv)
+    add_data_args(p)
+    p.add_argument("opts", nargs="*", help=OVERRIDES_HELP)
+    args = parse_with_overrides(p, argv)
     if args.fewshot and (args.test or args.vote or args.resume):
         p.error("--fewshot does not combine with --test, --vote or --resume (a few-shot run resumes by itself)")
     if not args.fewshot and (args.way is not None or args.shot is not None or args.fold is not None):
@@ -56,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     from tools.runs import USER_ERRORS
 
     try:
+        if args.data:
+            from tools.cli import data_overrides
+
+            args.opts = data_overrides(args.data, "finetune", args.config, args.opts, args.data_points,
+                                       fewshot=args.fewshot)
         if args.fewshot:
             from tools.fewshot import run_fewshot
 

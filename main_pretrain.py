@@ -1,6 +1,6 @@
 """Pre-train a point-cloud masked autoencoder (Point-MAE, Point-MAE + GeoMask3D).
 
-    python main_pretrain.py --config cfgs/pretrain/quickstart.yaml [--exp_name NAME] [--resume] [key=value ...]
+    python main_pretrain.py --config cfgs/pretrain/quickstart.yaml [--exp_name NAME] [--resume] [--data PATH] [key=value ...]
     python main_pretrain.py --config cfgs/pretrain/point_mae_gm3d.yaml --start_ckpts pretrain.pth   # warm start
     torchrun --nproc_per_node 2 main_pretrain.py --config ...        # DDP (gloo on CPU, NCCL on GPU)
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from tools.cli import OVERRIDES_HELP, add_data_args, data_overrides, parse_with_overrides  # noqa: E402
 from tools.runs import run_pretrain  # noqa: E402
 
 
@@ -28,13 +29,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start_ckpts", default=None, metavar="CKPT",
                    help="initialise the model from a pre-training checkpoint (official or this project's; strict "
                         "key check), then train with a fresh optimizer")
-    p.add_argument("opts", nargs="*", help="config overrides, e.g. max_epoch=10 optimizer.kwargs.lr=5e-4")
-    return p.parse_args(argv)
+    add_data_args(p)
+    p.add_argument("opts", nargs="*", help=OVERRIDES_HELP)
+    return parse_with_overrides(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.data:
+            args.opts = data_overrides(args.data, "pretrain", args.config, args.opts, args.data_points)
         run_pretrain(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, resume=args.resume,
                      stop_after_epoch=args.stop_after_epoch, start_ckpts=args.start_ckpts)
     except Exception as e:  # a clear one-line message for the user errors we raise on purpose

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from datasets.transforms import pc_norm
 from utils.errors import DataError
+from utils.misc import umask_mode
 
 __all__ = [
     "LAYOUTS",
@@ -309,6 +310,7 @@ def atomic_pickle_dump(obj: Any, path: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             pickle.dump(obj, f, protocol=4)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -386,7 +388,11 @@ def sample_indices(n: int, k: int, rng: np.random.Generator, replace: bool = Fal
 
 
 def fps_subsample(
-    clouds: Sequence[np.ndarray], npoint: int, batch_size: int = 32, device: str = "cpu"
+    clouds: Sequence[np.ndarray],
+    npoint: int,
+    batch_size: int = 32,
+    device: str = "cpu",
+    skip_sized: bool = True,
 ) -> list[np.ndarray]:
     """Farthest point sampling of each cloud to ``npoint`` rows, in FPS order.
 
@@ -399,6 +405,9 @@ def fps_subsample(
         npoint: rows to keep.
         batch_size: clouds per FPS call.
         device: torch device for the FPS.
+        skip_sized: a cloud that already has exactly ``npoint`` rows is returned in its own row order
+            without FPS (which would only reorder it, at the full FPS cost); False runs the FPS anyway,
+            so that every output is in FPS order (its prefixes are FPS subsets).
 
     Returns:
         One float32 (npoint, C) array per input, in input order.
@@ -410,6 +419,9 @@ def fps_subsample(
     for i, cloud in enumerate(clouds):
         if cloud.shape[0] < npoint:
             raise DataError(f"cloud {i} has too few points for FPS: {cloud.shape[0]} < {npoint}")
+        if skip_sized and cloud.shape[0] == npoint:
+            out[i] = np.ascontiguousarray(cloud, dtype=np.float32)
+            continue
         by_count.setdefault(cloud.shape[0], []).append(i)
     for members in by_count.values():
         for start in range(0, len(members), batch_size):

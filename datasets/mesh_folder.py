@@ -176,6 +176,7 @@ def build_mesh_cache(
     write_cloud_cache(dat, clouds, [label for _, label in entries])
     with open(meta, "w", encoding="utf-8") as f:
         json.dump(_meta(classes, entries, n_points, raw_points, test_fraction, seed), f, indent=1)
+    log.info("wrote %s (%d meshes, %.1f MB)", dat, len(clouds), os.path.getsize(dat) / 1e6)
     return dat
 
 

@@ -372,7 +372,7 @@ def test_modelnet_errors(modelnet: Path, tmp_path: Path) -> None:
         DataError, match=r"(?s)ModelNet40: DATA_PATH .* does not exist.*modelnet40_shape_names"
     ):
         _modelnet(tmp_path / "absent")
-    with pytest.raises(DataError, match="lists 3 classes; expected NUM_CATEGORY=40"):
+    with pytest.raises(ConfigError, match="lists 3 classes but NUM_CATEGORY is 40: set NUM_CATEGORY: 3"):
         (modelnet / "modelnet40_shape_names.txt").write_text("\n".join(MN_CLASSES))
         _modelnet(modelnet, num_category=40)
     cache = modelnet / "modelnet3_train_32pts_fps.dat"
@@ -391,7 +391,8 @@ def test_modelnet_errors(modelnet: Path, tmp_path: Path) -> None:
         _modelnet(modelnet)
     (modelnet / "modelnet3_shape_names.txt").unlink()
     with pytest.raises(
-        DataError, match=r"missing file .*modelnet3_shape_names\.txt' \(expected 3 class names"
+        DataError, match=r"missing file .*\*_shape_names\.txt' \(expected the class names, one per line, with "
+        r"matching \*_train\.txt and \*_test\.txt"
     ):
         _modelnet(modelnet)
 

@@ -10,7 +10,7 @@ import pytest
 from datasets.io import safe_pickle_load
 from datasets.modelnet_fewshot import fewshot_path
 from tools.fewshot import episode_source, fewshot_table, fold_datasets, write_episodes
-from tools.finetune import mean_std
+from tools.stats import mean_std
 from utils.config import load_config
 from utils.errors import ConfigError
 
@@ -103,6 +103,6 @@ def test_official_fold_files_are_read_with_way_shot_fold(tmp_path):
 
 def test_table_and_mean_std():
     m, s = mean_std([90.0, 100.0])
-    assert (m, s) == (95.0, 5.0)
+    assert m == 95.0 and s == pytest.approx(50 ** 0.5)  # sample std, ddof=1
     table = fewshot_table({"5-way 10-shot": {"last": [90.0, 100.0], "best": [100.0, 100.0]}})
-    assert "| 5-way 10-shot | 2 | 95.00 ± 5.00 | 100.00 ± 0.00 |" in table
+    assert "| 5-way 10-shot | 2 | 95.00 ± 7.07 | 100.00 ± 0.00 | 31.5-158.5 |" in table

@@ -73,7 +73,7 @@ def test_modelnet_cache_from_raw_files(tmp_path: Path, capsys: pytest.CaptureFix
     ]
     (root / "modelnet10_shape_names.txt").write_text("\n".join(MN_CLASSES * 4))
     assert main(argv) == 2  # 12 names for NUM_CATEGORY 10: a one-line error, no traceback
-    assert "expected NUM_CATEGORY=10" in capsys.readouterr().err
+    assert "lists 12 classes but NUM_CATEGORY is 10: set NUM_CATEGORY: 12" in capsys.readouterr().err
     for split in ("train", "test"):
         (root / f"modelnet3_{split}.txt").rename(root / f"modelnet10_{split}.txt")
     (root / "modelnet10_shape_names.txt").write_text(
@@ -115,7 +115,8 @@ def test_modelnet_cache_reports_too_few_points(tmp_path: Path, capsys: pytest.Ca
     root = tmp_path / "modelnet40_normal_resampled"
     write_modelnet_raw(root, raw_points=10, train=1, test=1)
     assert main(["modelnet-cache", "--root", str(root), "--num-category", "10", "--n-points", "16"]) == 2
-    assert "missing file" in capsys.readouterr().err  # modelnet10_* lists absent
+    # no modelnet10_* lists: the folder's one list (modelnet3_*, 3 classes) disagrees with --num-category 10
+    assert "lists 3 classes but NUM_CATEGORY is 10: set NUM_CATEGORY: 3" in capsys.readouterr().err
     (root / "modelnet3_train.txt").rename(root / "modelnet10_train.txt")
     (root / "modelnet10_shape_names.txt").write_text("\n".join([*MN_CLASSES, *[f"x{i}" for i in range(7)]]))
     assert (

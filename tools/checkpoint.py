@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from utils.errors import CheckpointError
+from utils.misc import umask_mode
 from utils.state_dict import check_keys, extract_state_dict, load_state_dict_checked  # noqa: F401 (re-exported)
 
 FORMAT = "geomask3d-1"
@@ -37,6 +38,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -56,10 +56,13 @@ def run_arm(config: str, run_dir: Path, opts: list[str]) -> dict:
 
 
 def mean_std(xs: list[float]) -> str:
+    """``"mean ± std"`` (sample std, ddof=1: :func:`tools.stats.mean_std`), or ``n/a`` for no values."""
+    from tools.stats import mean_std as _mean_std
+
     if not xs:
         return "n/a"
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):.2f} ± {sd:.2f}"
+    m, sd = _mean_std(xs)
+    return f"{m:.2f} ± {sd:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Linear-SVM evaluation of a frozen encoder (docs/METHOD.md, decision 7).
+"""Linear-SVM evaluation of a frozen encoder (docs/METHOD.md, decision 7): the command line (the library is
+``tools/svm.py``).
 
 Features: mean + max pooled encoder tokens of the complete (unmasked, un-augmented) cloud.
 Classifier: ``sklearn.svm.SVC(kernel="linear", C=C)`` on the raw features (C=0.01 as in GM3D/M2AE).
@@ -18,7 +19,16 @@ or the flat fine-tune keys) and ``npoints``; the checkpoint's encoder is found b
 :meth:`models.adapters.PointMAEAdapter.encoder_weights` (every encoder key required, shapes checked). Data, in
 order of precedence: ``--dataset-config FILE`` (its train / test subsets), the config's
 ``dataset.svm_train`` / ``dataset.svm_test``, else its ``dataset.train`` / ``dataset.test``. Clouds with
-more than ``npoints`` points are reduced by deterministic FPS.
+more than ``npoints`` points are reduced by deterministic FPS. ``--data PATH`` points it at any data
+folder instead (layout detected and printed).
+
+Small test splits: every accuracy is printed with its count of test items and a 95 % Wilson interval;
+``--repeats K`` re-samples the clouds K times (seeded by ``--seed`` and the repeat) and prints each
+accuracy, mean ± std (ddof=1) and a 95 % t-interval; ``--kfold K`` adds a pooled stratified K-fold
+estimate over train + test::
+
+    python tools/eval_svm.py --config cfgs/pretrain/quickstart.yaml --ckpt CKPT --repeats 5
+    python tools/eval_svm.py --config cfgs/pretrain/quickstart.yaml --data my_meshes/ --kfold 5
 """
 
 from __future__ import annotations
@@ -26,127 +36,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def extract_features(feature_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int,
-                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``feature_fn(points (B,N,3)) -> (B,C)`` over a data set; returns (features, labels)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    feats, labels = [], []
-    for batch in loader:
-        feats.append(feature_fn(batch["points"].to(device)).float().cpu())
-        labels.append(batch["label"].reshape(-1))
-    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
-
-
-def _svc(C: float, standardize: bool):
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC
-
-    return make_pipeline(StandardScaler(), SVC(kernel="linear", C=C)) if standardize else SVC(kernel="linear", C=C)
-
-
-def select_C(train_x: np.ndarray, train_y: np.ndarray, grid: Sequence[float], standardize: bool = False,
-             folds: int = 3, seed: int = 0) -> float:
-    """The C of ``grid`` with the best mean accuracy in stratified k-fold CV on the training features."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    scores = [cross_val_score(_svc(c, standardize), train_x, train_y, cv=cv).mean() for c in grid]
-    return float(grid[int(np.argmax(scores))])
-
-
-def linear_svm_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                        C: float = 0.01, standardize: bool = False) -> float:
-    """Test accuracy in percent of a linear SVC fitted on the training features."""
-    if len(np.unique(train_y)) < 2:
-        raise ValueError("linear SVM needs at least two classes in the training features")
-    clf = _svc(C, standardize)
-    clf.fit(train_x, train_y)
-    return float((clf.predict(test_x) == test_y).mean() * 100.0)
-
-
-class SVMEvaluator:
-    """Engine evaluator: every ``every`` epochs, SVM accuracy of ``model.extract_features``."""
-
-    name = "svm"
-
-    def __init__(self, train_set: Dataset, test_set: Dataset, *, every: int = 1, C: float = 0.01,
-                 batch_size: int = 64, device: torch.device = torch.device("cpu"),
-                 C_grid: Sequence[float] = (), standardize: bool = False):
-        self.train_set, self.test_set = train_set, test_set
-        self.every, self.C, self.batch_size, self.device = every, C, batch_size, device
-        self.C_grid, self.standardize = list(C_grid), standardize
-
-    def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        try:
-            tr = extract_features(model.extract_features, self.train_set, self.batch_size, self.device)
-            te = extract_features(model.extract_features, self.test_set, self.batch_size, self.device)
-        finally:
-            model.train(was_training)
-        C = select_C(*tr, self.C_grid, self.standardize) if self.C_grid else self.C
-        return {"svm_acc": linear_svm_accuracy(*tr, *te, C=C, standardize=self.standardize), "svm_C": C}
-
-
-class EncoderFeatures(nn.Module):
-    """A bare Point-MAE encoder with the linear-SVM feature, for checkpoints of any layout.
-
-    Args:
-        trans_dim, depth, num_heads: encoder shape.
-        group_size, num_group: patching.
-        npoints: clouds with more points are reduced to this many by deterministic FPS (None: as given).
-    """
-
-    def __init__(self, trans_dim: int, depth: int, num_heads: int, group_size: int, num_group: int,
-                 npoints: int | None = None):
-        super().__init__()
-        from models.point_mae import PointMAEEncoder
-
-        self.group_size, self.num_group, self.npoints = group_size, num_group, npoints
-        self.encoder = PointMAEEncoder(trans_dim, trans_dim, depth, num_heads, 0.0, embed_visible_only=False)
-
-    @classmethod
-    def from_model_cfg(cls, model_cfg, npoints: int | None = None) -> "EncoderFeatures":
-        """From a config ``model`` section: pre-training (``transformer_config``) or fine-tune (flat keys)."""
-        tc = model_cfg.get("transformer_config") or model_cfg
-        return cls(int(tc.get("trans_dim", 384)), int(tc.get("depth", 12)), int(tc.get("num_heads", 6)),
-                   int(model_cfg.get("group_size", 32)), int(model_cfg.get("num_group", 64)), npoints)
-
-    def load_checkpoint(self, path: str, source: str = "student") -> dict:
-        """Load the encoder of any supported checkpoint; every encoder key must be present."""
-        from models.adapters import PointMAEAdapter
-        from tools import checkpoint as ckpt_io
-
-        state, info = PointMAEAdapter().encoder_weights(ckpt_io.load_file(path), source=source, where=str(path))
-        info.pop("extra")
-        ckpt_io.load_state_dict_checked(self.encoder, state, what=f"encoder of {path} ({info['layout']})")
-        return info
-
-    @torch.no_grad()
-    def extract_features(self, points: torch.Tensor) -> torch.Tensor:
-        from extensions import fps, gather, group
-        from models.point_mae import pool_tokens
-
-        if self.npoints is not None and points.shape[1] > self.npoints:
-            points = gather(points, fps(points, self.npoints))
-        p = group(points, self.num_group, self.group_size)
-        return pool_tokens(self.encoder(p.neighborhood, p.center))
 
 
 def _dataset_file_sets(path: str, npoints: int | None, data_root: str | None):
@@ -183,6 +81,9 @@ def svm_data(cfg, dataset_config: str | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tools.cli import OVERRIDES_HELP, add_data_args, data_overrides, parse_with_overrides
+    from tools.stats import format_accuracy, format_mean, wilson_interval
+    from tools.svm import EncoderFeatures, SVMEvaluator, extract_features, kfold_svm, repeated_svm
     from utils.config import load_config
     from utils.errors import CheckpointError, ConfigError, DataError
     from utils.logging import setup_logging
@@ -196,14 +97,28 @@ def main(argv: list[str] | None = None) -> int:
                         "(omit for a randomly initialised encoder)")
     p.add_argument("--dataset-config", default=None,
                    help="official data-set YAML, e.g. cfgs/dataset_configs/ModelNet40.yaml (train/test subsets)")
+    add_data_args(p)
     p.add_argument("--source", choices=("student", "ema"), default="student",
                    help="GM3D checkpoints: the student's encoder or the EMA teacher's (default: student)")
     p.add_argument("--C", type=float, default=None, help="SVM C (default: eval.svm_C of the config)")
-    p.add_argument("opts", nargs="*", help="config overrides key=value")
-    args = p.parse_args(argv)
+    p.add_argument("--repeats", type=int, default=0, metavar="K",
+                   help="K seeded re-samplings of the clouds (random point order -> a different FPS start and "
+                        "subset per repeat, from (--seed, repeat)); prints each accuracy, mean ± std and a 95 %% "
+                        "t-interval (default: one plain evaluation)")
+    p.add_argument("--kfold", type=int, default=0, metavar="K",
+                   help="also a pooled stratified K-fold estimate over train + test (for small test splits): "
+                        "every shape tested once by an SVM fitted on the other folds")
+    p.add_argument("--seed", type=int, default=None, help="seed of the re-sampling and folds (default: cfg seed)")
+    p.add_argument("opts", nargs="*", help=OVERRIDES_HELP)
+    args = parse_with_overrides(p, argv)
+    if args.data and args.dataset_config:
+        p.error("give the data once: --data PATH or --dataset-config FILE")
     setup_logging()
     try:
+        if args.data:
+            args.opts = data_overrides(args.data, "svm", args.config, args.opts, args.data_points)
         cfg = load_config(args.config, args.opts)
+        seed = int(cfg.seed if args.seed is None else args.seed)
         device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         model = EncoderFeatures.from_model_cfg(cfg.model, int(cfg.npoints))
@@ -212,17 +127,38 @@ def main(argv: list[str] | None = None) -> int:
             layout = model.load_checkpoint(args.ckpt, args.source)["layout"]
         model.to(device).eval()
         train_set, test_set, where = svm_data(cfg, args.dataset_config)
-        ev = SVMEvaluator(train_set, test_set, C=args.C if args.C is not None else cfg.eval.svm_C,
-                          batch_size=cfg.eval.svm_bs, device=device,
-                          C_grid=() if args.C is not None else cfg.eval.svm_C_grid,
+        C = args.C if args.C is not None else cfg.eval.svm_C
+        C_grid = () if args.C is not None else cfg.eval.svm_C_grid
+        ev = SVMEvaluator(train_set, test_set, C=C, batch_size=cfg.eval.svm_bs, device=device, C_grid=C_grid,
                           standardize=cfg.eval.svm_standardize)
         res = ev(model, -1)
         acc, ev.C = res["svm_acc"], res["svm_C"]
+        runs = repeated_svm(model.extract_features, train_set, test_set, repeats=args.repeats, seed=seed, C=C,
+                            C_grid=C_grid, standardize=cfg.eval.svm_standardize, batch_size=cfg.eval.svm_bs,
+                            device=device) if args.repeats else []
+        kfold = None
+        if args.kfold:
+            tr = extract_features(model.extract_features, train_set, cfg.eval.svm_bs, device)
+            te = extract_features(model.extract_features, test_set, cfg.eval.svm_bs, device)
+            kfold = kfold_svm(np.concatenate([tr[0], te[0]]), np.concatenate([tr[1], te[1]]), folds=args.kfold,
+                              seed=seed, C=C, C_grid=C_grid, standardize=cfg.eval.svm_standardize)
     except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
         logging.getLogger("eval_svm").error("%s: %s", type(e).__name__, e)
         return 2
+    n_test = len(test_set)
     print(f"linear SVM accuracy: {acc:.2f} %  (C={ev.C}, data {where}: train {len(train_set)} / test "
-          f"{len(test_set)}, checkpoint: {args.ckpt or 'random init'} [{layout}])", flush=True)
+          f"{n_test}, checkpoint: {args.ckpt or 'random init'} [{layout}])", flush=True)
+    print(f"  {format_accuracy(acc, n_test)}; one test item = {100.0 / n_test:.2f} points", flush=True)
+    if runs:
+        for r in runs:
+            lo, hi = wilson_interval(r["acc"], n_test)
+            print(f"  repeat {r['repeat']} (seed {seed}): {r['acc']:.2f} %  (C={r['C']}, n={n_test}, "
+                  f"95 % interval {lo:.1f}-{hi:.1f} %)")
+        print(f"re-sampled x{len(runs)}: {format_mean([r['acc'] for r in runs], 'repeats')}", flush=True)
+    if kfold:
+        folds = ", ".join(f"{a:.1f}" for a in kfold["fold_acc"])
+        print(f"pooled {args.kfold}-fold over train + test: {kfold['acc']:.2f} %  ({kfold['correct']} / "
+              f"{kfold['n']} correct; {format_accuracy(kfold['acc'], kfold['n'])}; folds {folds})", flush=True)
     return 0
 
 

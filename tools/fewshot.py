@@ -3,8 +3,8 @@
 Per fold the classifier is fine-tuned from the same initialisation (the pre-trained encoder, or the
 seeded random init with ``--scratch``) on the fold's ``way x shot`` support shapes and tested on its
 ``way x query`` query shapes every ``finetune.eval_every`` epochs; the last-epoch and the best-epoch
-(test-selected, the official protocol) accuracies are kept. A setting reports mean ± std (numpy,
-ddof=0) over its folds; the table goes to ``<run>/fewshot.md`` and ``<run>/fewshot.json``.
+(test-selected, the official protocol) accuracies are kept. A setting reports mean ± std (sample std,
+ddof=1, ``tools/stats.py``) and a 95 % t-interval over its folds, and the query count per fold; the table goes to ``<run>/fewshot.md`` and ``<run>/fewshot.json``.
 
 Episodes:
 
@@ -154,14 +154,18 @@ def _run_fold(cfg, ckpt, scratch, support, query, fold_dir: Path, device) -> dic
 
 def fewshot_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown table: one row per setting, last-epoch and best-epoch mean ± std over folds."""
-    from tools.finetune import mean_std
+    from tools.stats import mean_std
 
-    lines = ["| setting | folds | last epoch: mean ± std (%) | best epoch, test-selected: mean ± std (%) |",
-             "|---|---|---|---|"]
+    from tools.stats import t_interval
+
+    lines = ["| setting | folds | last epoch: mean ± std (%) | best epoch, test-selected: mean ± std (%) "
+             "| last epoch: 95 % t-interval (%) |",
+             "|---|---|---|---|---|"]
     for name, r in results.items():
         lm, ls = mean_std(r["last"])
         bm, bs = mean_std(r["best"])
-        lines.append(f"| {name} | {len(r['last'])} | {lm:.2f} ± {ls:.2f} | {bm:.2f} ± {bs:.2f} |")
+        lo, hi = t_interval(r["last"])
+        lines.append(f"| {name} | {len(r['last'])} | {lm:.2f} ± {ls:.2f} | {bm:.2f} ± {bs:.2f} | {lo:.1f}-{hi:.1f} |")
     return "\n".join(lines)
 
 
@@ -169,7 +173,8 @@ def run_fewshot(config: str, opts: list[str], *, exp_name: str = "default", run_
                 ckpt: str | None = None, scratch: bool = False, way: int | None = None, shot: int | None = None,
                 fold: int | None = None) -> dict[str, Any]:
     """Run the few-shot settings of a config (or the one given) over their folds; print mean ± std."""
-    from tools.finetune import check_best_metric, mean_std
+    from tools.finetune import check_best_metric
+    from tools.stats import format_mean, mean_std
     from tools.runs import prepare_run
     from utils import dist
 
@@ -203,11 +208,11 @@ def run_fewshot(config: str, opts: list[str], *, exp_name: str = "default", run_
             rows.append(r)
         results[name] = {"folds": fold_ids, "last": [r["last_acc"] for r in rows],
                          "best": [r["best_acc"] for r in rows], "last_epoch": rows[0]["last_epoch"],
-                         "best_epochs": [r["best_epoch"] for r in rows]}
+                         "best_epochs": [r["best_epoch"] for r in rows], "query": rows[0].get("query")}
     table = fewshot_table(results)
     init = ckpt or "scratch (random init)"
     header = (f"# Few-shot classification\n\nconfig `{config}`, init `{init}`, {int(cfg.max_epoch)} epochs per fold, "
-              f"source: {episode_source(cfg)} episodes. Std: numpy, ddof=0, over folds. The best epoch is "
+              f"source: {episode_source(cfg)} episodes. Std: sample std (ddof=1) over folds. The best epoch is "
               f"selected on the fold's query (test) shapes, as in the official protocol; the last epoch is "
               f"not selected.\n\n")
     (out / "fewshot.md").write_text(header + table + "\n")
@@ -218,5 +223,6 @@ def run_fewshot(config: str, opts: list[str], *, exp_name: str = "default", run_
         bm, bs = mean_std(r["best"])
         print(f"{name} over {len(r['last'])} folds: last epoch ({r['last_epoch']}) {lm:.2f} ± {ls:.2f} %, "
               f"best epoch (test-selected) {bm:.2f} ± {bs:.2f} %")
+        print(f"  last epoch: {format_mean(r['last'], 'folds')}; {r['query']} query shapes per fold")
     print(f"table: {out / 'fewshot.md'}", flush=True)
     return results

@@ -27,12 +27,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from extensions import fps, gather
+from tools.stats import format_accuracy
 from utils.errors import ConfigError, DataError
 from utils.misc import derive_seed
 
@@ -222,12 +222,15 @@ def check_best_metric(cfg: Mapping[str, Any], allowed=("test_acc", "test_macc", 
                           f"{', '.join(allowed)} (val_* with a dataset.val section); set eval.best_metric: test_acc")
 
 
-def _check_classes(model: nn.Module, dataset: Dataset, what: str) -> None:
+def _check_classes(model: nn.Module, dataset: Dataset, what: str, allow_wider_head: bool = False) -> None:
+    """The classifier head must have one output per class of the data. ``allow_wider_head`` keeps the
+    official few-shot protocol (a 40-output head for 5/10-way episodes) possible."""
     n = getattr(dataset, "num_classes", None)
     cls_dim = getattr(model, "cls_dim", None)
     if n is not None and cls_dim is not None:
-        if n > cls_dim:
-            raise ConfigError(f"{what} has {n} classes but model.cls_dim is {cls_dim}")
+        if n > cls_dim or (n < cls_dim and not allow_wider_head):
+            raise ConfigError(f"{what} has {n} classes but model.cls_dim is {cls_dim}: set model.cls_dim={n} "
+                              f"(or pass --data PATH to take it from the data)")
         if n < cls_dim:
             log.info("%s has %d classes, the head has %d outputs (as the official few-shot 40-way head)",
                      what, n, cls_dim)
@@ -273,7 +276,7 @@ def run_finetune(config: str, opts: list[str], *, exp_name: str = "default", run
         _check_classes(model, test_set, "dataset.test")
         logits, labels = predict_logits(model, test_set, npoints, batch_size=int(fc.eval_bs), device=device)
         summary: dict[str, Any] = {"mode": "test", "checkpoint": test, "checkpoint_epoch": meta.get("epoch"),
-                                   **accuracy_metrics(logits, labels, "test")}
+                                   **accuracy_metrics(logits, labels, "test"), "test_count": len(test_set)}
         if do_vote:
             summary.update(_vote_report(model, test_set, cfg, device))
             summary["votes"] = int(fc.votes)
@@ -296,7 +299,7 @@ def run_finetune(config: str, opts: list[str], *, exp_name: str = "default", run
                       device=device)
     summary = trainer.fit()
     summary.update({"mode": "finetune", "init": info["init"], "init_layout": info.get("layout"),
-                    "left_at_init": info.get("missing")})
+                    "left_at_init": info.get("missing"), "test_count": len(test_set)})
     best = next((r for r in trainer.history if r.get("epoch") == summary.get("best_epoch")), {})
     summary["test_acc_at_best"] = best.get("test_acc")
     if do_vote and dist.is_main_process():
@@ -321,6 +324,8 @@ def _report(summary: dict[str, Any], out: Path, name: str) -> None:
         lines.append(f"checkpoint {summary['checkpoint']} (epoch {summary.get('checkpoint_epoch')})")
         lines.append(f"test accuracy (FPS, no voting): {summary['test_acc']:.2f} %  "
                      f"(mean class accuracy {summary['test_macc']:.2f} %)")
+        if summary.get("test_count"):
+            lines.append(f"  {format_accuracy(summary['test_acc'], summary['test_count'])}")
         if "vote_acc" in summary:
             lines.append(f"test accuracy with voting ({summary['votes']} votes, seeded, computed once): "
                          f"{summary['vote_acc']:.2f} %")
@@ -330,6 +335,8 @@ def _report(summary: dict[str, Any], out: Path, name: str) -> None:
         if "test_acc" in last:
             lines.append(f"test accuracy, last epoch ({summary['last_epoch']}): {last['test_acc']:.2f} %  "
                          f"(mean class accuracy {last.get('test_macc', float('nan')):.2f} %)")
+            if summary.get("test_count"):
+                lines.append(f"  {format_accuracy(last['test_acc'], summary['test_count'])}")
         if summary.get("best_value") is not None:
             split = "the test split: optimistic, the official protocol" if key.startswith("test") else "dataset.val"
             label = {"test_acc": "test accuracy", "val_acc": "val accuracy", "test_macc": "test mean class accuracy",
@@ -346,9 +353,3 @@ def _report(summary: dict[str, Any], out: Path, name: str) -> None:
                          f"({summary['best_epoch']}): {summary['vote_best']:.2f} %")
     (out / name).write_text(json.dumps(summary, indent=2, default=str))
     print("\n".join(lines), flush=True)
-
-
-def mean_std(values) -> tuple[float, float]:
-    """Mean and standard deviation (numpy, ddof=0) of a list of numbers."""
-    a = np.asarray(list(values), dtype=np.float64)
-    return float(a.mean()), float(a.std())

@@ -23,7 +23,7 @@ from collections.abc import Sequence  # noqa: E402
 
 from datasets.io import LAYOUTS  # noqa: E402
 from datasets.mesh_folder import build_mesh_cache  # noqa: E402
-from datasets.modelnet40 import build_modelnet_cache, modelnet_cache_path  # noqa: E402
+from datasets.modelnet40 import build_modelnet_cache, find_modelnet_prefix, modelnet_cache_path  # noqa: E402
 from datasets.modelnet_fewshot import generate_fewshot  # noqa: E402
 from utils.errors import ConfigError, DataError  # noqa: E402
 
@@ -33,16 +33,17 @@ MODELNET_ROOT = "data/ModelNet/modelnet40_normal_resampled"
 
 
 def cmd_modelnet_cache(args: argparse.Namespace) -> int:
-    """Build the ``modelnet{C}_{split}_{N}pts_fps.dat`` caches that are missing (or all with --force)."""
+    """Build the ``{prefix}_{split}_{N}pts_fps.dat`` caches that are missing (or all with --force)."""
+    prefix = find_modelnet_prefix(args.root, args.num_category)
     for split in args.splits:
-        path = modelnet_cache_path(args.root, args.num_category, split, args.n_points)
+        path = modelnet_cache_path(args.root, prefix, split, args.n_points)
         if os.path.isfile(path) and not args.force:
             print(f"exists, skipped: {path} (use --force to rebuild)")
             continue
         path = build_modelnet_cache(
-            args.root, args.num_category, split, args.n_points, args.batch_size, args.device
+            args.root, args.num_category, split, args.n_points, args.batch_size, args.device, args.fps_order
         )
-        print(f"wrote {path}")
+        print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
     return 0
 
 
@@ -79,7 +80,7 @@ def cmd_mesh_folder(args: argparse.Namespace) -> int:
             args.batch_size,
             args.device,
         )
-        print(f"wrote {path}")
+        print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
     return 0
 
 
@@ -110,15 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
         "modelnet-cache",
         help="build the ModelNet FPS .dat caches from the raw txt files",
         description="Read <root>/<class>/<id>.txt (comma-separated, N x 6) for every id of the "
-        "split lists, reduce each to --n-points by batched farthest point sampling "
-        "(start index 0) and write modelnet{C}_{split}_{N}pts_fps.dat, the pickle "
+        "split lists (the folder's P_shape_names.txt / P_train.txt / P_test.txt, any prefix P), reduce "
+        "each to --n-points by batched farthest point sampling (start index 0) and write "
+        "P_{split}_{N}pts_fps.dat, the pickle "
         "[list of float32 (N, 6), list of int32 array([cls])].",
     )
     p.add_argument(
         "--root", default=MODELNET_ROOT, help="the modelnet40_normal_resampled folder (default: %(default)s)"
     )
     p.add_argument(
-        "--num-category", type=int, choices=(10, 40), default=40, help="ModelNet10 or 40 (default: 40)"
+        "--num-category",
+        type=int,
+        default=None,
+        help="class count, checked against the folder's *_shape_names.txt; selects modelnet10_* or "
+        "modelnet40_* when both are present (default: the one class list the folder holds, official names first)",
     )
     p.add_argument("--n-points", type=int, default=8192, help="points kept per shape (default: %(default)s)")
     p.add_argument(
@@ -131,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="shapes per FPS call (default: %(default)s)")
     p.add_argument("--device", default=None, help=device_help)
     p.add_argument("--force", action="store_true", help="rebuild caches that already exist")
+    p.add_argument(
+        "--fps-order",
+        action="store_true",
+        help="run FPS on clouds that already have --n-points points too (default: store them as read, "
+        "since FPS would only reorder them)",
+    )
     p.set_defaults(func=cmd_modelnet_cache)
 
     p = sub.add_parser(

@@ -60,8 +60,8 @@ def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run
     (official or this project's; strict key check, see :func:`tools.pretrained.load_start_checkpoint`)
     and train with a fresh optimizer and schedule."""
     from tools.builders import build_model_from_cfg, build_split, build_svm_sets, build_transform
-    from tools.eval_svm import SVMEvaluator
     from tools.pretrained import load_start_checkpoint
+    from tools.svm import SVMEvaluator
 
     if start_ckpts and resume:
         raise ConfigError("--start_ckpts initialises a new run; --resume continues one with its own weights: "
@@ -88,6 +88,8 @@ def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run
     trainer = Trainer(cfg, model, train_set, out, evaluators=evaluators, transform=build_transform(cfg),
                       resume=resume, device=device, stop_after_epoch=stop_after_epoch)
     summary = trainer.fit()
+    if cfg.eval.svm_every > 0:
+        summary["svm_test_count"] = len(svm_test)
     if dist.is_main_process():
         _report(summary, out)
     dist.cleanup()
@@ -95,12 +97,17 @@ def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run
 
 
 def _report(summary: dict[str, Any], out: Path) -> None:
+    from tools.stats import format_accuracy
+
     lines = [f"run folder: {out}"]
     init = summary.get("init") or {}
     if "init/svm_acc" in init:
         lines.append(f"linear SVM, randomly initialised encoder: {init['init/svm_acc']:.2f} %")
+    n_test = summary.get("svm_test_count")
     if summary.get("last_value") is not None:
         lines.append(f"linear SVM, last epoch ({summary['last_epoch']}): {summary['last_value']:.2f} %")
+        if n_test:
+            lines.append(f"  {format_accuracy(summary['last_value'], n_test)}")
     if summary.get("best_value") is not None:
         lines.append(f"linear SVM, best epoch ({summary['best_epoch']}, selected on the SVM test split): "
                      f"{summary['best_value']:.2f} %")
