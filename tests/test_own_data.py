@@ -152,6 +152,8 @@ def test_layout_checker_and_cache_tool_accept_any_prefix(folders, tmp_path, caps
 
     root = tmp_path / "copy"
     shutil.copytree(folders["modelnet"], root)
+    for cache in root.glob("*.dat"):  # caches other tests built in the shared folder
+        cache.unlink()
     assert main(["layout", "modelnet40", "--root", str(root)]) == 0
     assert main(["modelnet-cache", "--root", str(root), "--n-points", str(RAW_POINTS), "--splits", "test"]) == 0
     out = capsys.readouterr().out
