@@ -1,6 +1,7 @@
-"""tools/visualize.py and its library tools/vis/: each sub-command writes a PNG of the expected size from a tiny run; GC colours
-are monotone in the scores; a plain Point-MAE checkpoint is refused by `gc` and accepted by `recon`;
-the periodic GCPanelEvaluator writes its file and returns {}."""
+"""tools/visualize.py and its library tools/vis/: each sub-command writes a PNG of the expected size
+from a tiny run; GC colours are monotone in the scores; a plain Point-MAE checkpoint is refused by `gc`
+and accepted by `recon`; the periodic GCPanelEvaluator writes its file and returns {}; the masked
+forward agrees with the training path; gc_probe's correlations and CLI."""
 
 from __future__ import annotations
 

@@ -69,7 +69,8 @@ def probe(ckpt: str, split: str | None = None, batch_size: int = 64, limit: int 
     ck = load_checkpoint(ckpt)
     model = ck.model.eval()
     if not is_gm3d(model):
-        raise NoGCDecoderError(f"{ckpt}: {type(model).__name__} has no GC decoder; gc_probe needs a GM3D checkpoint")
+        raise NoGCDecoderError(f"{ckpt}: {type(model).__name__} has no GC decoder; "
+                               f"gc_probe needs a GM3D checkpoint")
     dataset = build_split(ck.config, split or default_split(ck.config))
     n = len(dataset) if limit is None else min(limit, len(dataset))
     out: dict[str, list[torch.Tensor]] = {}
