@@ -1,4 +1,5 @@
-"""Library modules never import a command-line script (docs/ARCHITECTURE.md: library vs scripts)."""
+"""Library modules never import a command-line script (docs/ARCHITECTURE.md: library vs scripts), and
+requirements.txt pins only packages something imports."""
 
 from __future__ import annotations
 
@@ -41,3 +42,22 @@ def test_the_check_catches_a_script_import():
     assert _imported(ast.parse("from tools.visualize import GCPanelEvaluator")) & SCRIPTS
     assert _imported(ast.parse("from tools import gc_probe")) & SCRIPTS
     assert _imported(ast.parse("import tools.prepare_data as p")) & SCRIPTS
+
+
+# requirements.txt name -> the module whose import needs it
+IMPORT_NAME = {"scikit-learn": "sklearn", "PyYAML": "yaml", "tensorboard": "torch.utils.tensorboard"}
+
+
+def test_every_pinned_package_is_imported():
+    pins = [line.split("#")[0].split("==")[0].strip()
+            for line in (REPO / "requirements.txt").read_text().splitlines() if line.split("#")[0].strip()]
+    assert "torch" in pins and "pytest" in pins
+    imported = set()
+    for top in (*LIBRARY_DIRS, "tests", "bench"):
+        for path in (REPO / top).rglob("*.py"):
+            imported |= _imported(ast.parse(path.read_text()))
+    for path in REPO.glob("*.py"):
+        imported |= _imported(ast.parse(path.read_text()))
+    tops = imported | {name.split(".")[0] for name in imported}
+    missing = [p for p in pins if IMPORT_NAME.get(p, p) not in tops]
+    assert missing == [], f"requirements.txt pins packages nothing imports: {missing}"
