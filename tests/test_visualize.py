@@ -1,6 +1,7 @@
-"""tools/visualize.py: each sub-command writes a PNG of the expected size from a tiny run; GC colours
-are monotone in the scores; a plain Point-MAE checkpoint is refused by `gc` and accepted by `recon`;
-the periodic GCPanelEvaluator writes its file and returns {}."""
+"""tools/visualize.py and its library tools/vis/: each sub-command writes a PNG of the expected size
+from a tiny run; GC colours are monotone in the scores; a plain Point-MAE checkpoint is refused by `gc`
+and accepted by `recon`; the periodic GCPanelEvaluator writes its file and returns {}; the masked
+forward agrees with the training path; gc_probe's correlations and CLI."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from datasets import build_dataset
 from models.gm3d import PointMAEGM3D
 from models.point_mae import PointMAE
 from tests.helpers import TINY_TC
-from tools import visualize as vis
+from tools import visualize
+from tools.vis import curves, evaluator, forward, loading, panels
 from tools.checkpoint import CheckpointError, atomic_save
 
 GROUP = {"group_size": 8, "num_group": 16}
@@ -89,9 +91,9 @@ def test_gc_colours_are_monotone_and_top_patch_gets_top_colour():
     scores = torch.randn(16, generator=g).numpy() * 3 + 1
     point_patch = torch.randint(0, 16, (400,), generator=g).numpy()
     point_patch[:16] = np.arange(16)  # every patch owns a point
-    cmap = colormaps[vis.GC_CMAP]
+    cmap = colormaps[panels.GC_CMAP]
     for mode in ("panel", "rank", "global"):
-        rgba, value = vis.gc_colors(scores, point_patch, mode=mode, vmin=scores.min(), vmax=scores.max())
+        rgba, value = panels.gc_colors(scores, point_patch, mode=mode, vmin=scores.min(), vmax=scores.max())
         order = np.argsort(scores[point_patch], kind="stable")
         assert np.all(np.diff(value[order]) >= 0), mode                      # monotone in the score
         top = point_patch == scores.argmax()
@@ -100,39 +102,39 @@ def test_gc_colours_are_monotone_and_top_patch_gets_top_colour():
         np.testing.assert_allclose(rgba[bottom], np.broadcast_to(cmap(0.0), rgba[bottom].shape))
     # the colours themselves follow the colormap's order: larger score -> later colormap entry
     lut = cmap(np.linspace(0, 1, 256))
-    rgba, _ = vis.gc_colors(scores, np.arange(16))
+    rgba, _ = panels.gc_colors(scores, np.arange(16))
     pos = [np.abs(lut - c).sum(1).argmin() for c in rgba]
     assert np.all(np.diff(np.array(pos)[np.argsort(scores)]) >= 0)
 
 
 def test_normalize_scores_edge_cases():
-    np.testing.assert_allclose(vis.normalize_scores([2.0, 2.0, 2.0]), [0.5, 0.5, 0.5])
-    np.testing.assert_allclose(vis.normalize_scores([1.0, 3.0, 2.0]), [0.0, 1.0, 0.5])
-    np.testing.assert_allclose(vis.normalize_scores([1.0, 1.0, 5.0], "rank"), [0.25, 0.25, 1.0])
-    np.testing.assert_allclose(vis.normalize_scores([0.0, 10.0], "global", vmin=0.0, vmax=5.0), [0.0, 1.0])
+    np.testing.assert_allclose(panels.normalize_scores([2.0, 2.0, 2.0]), [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(panels.normalize_scores([1.0, 3.0, 2.0]), [0.0, 1.0, 0.5])
+    np.testing.assert_allclose(panels.normalize_scores([1.0, 1.0, 5.0], "rank"), [0.25, 0.25, 1.0])
+    np.testing.assert_allclose(panels.normalize_scores([0.0, 10.0], "global", vmin=0.0, vmax=5.0), [0.0, 1.0])
     with pytest.raises(ValueError):
-        vis.normalize_scores([1.0], "sideways")
+        panels.normalize_scores([1.0], "sideways")
 
 
 def test_patch_of_point_is_nearest_centre():
     center = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]])
     pts = torch.tensor([[0.1, 0, 0], [0.9, 0.1, 0], [0, 0.8, 0.1], [0.4, 0, 0]])
-    assert vis.patch_of_point(pts, center).tolist() == [0, 1, 2, 0]
+    assert forward.patch_of_point(pts, center).tolist() == [0, 1, 2, 0]
 
 
 def test_thin_keeps_first_and_last():
-    assert vis.thin(list(range(10)), 4) == [0, 3, 6, 9]
-    assert vis.thin([1, 2], 5) == [1, 2]
+    assert loading.thin(list(range(10)), 4) == [0, 3, 6, 9]
+    assert loading.thin([1, 2], 5) == [1, 2]
 
 
 # --------------------------------------------------------------------------------------- checkpoints
 def test_run_checkpoints_ordered_by_epoch(runs):
-    names = [p.name for p in vis.run_checkpoints(runs["run"])]
+    names = [p.name for p in loading.run_checkpoints(runs["run"])]
     assert names == ["ckpt-epoch-000.pth", "ckpt-epoch-001.pth", "ckpt-last.pth"]
 
 
 def test_load_checkpoint_without_teacher_file_is_exact_elsewhere(runs, tmp_path):
-    ck = vis.load_checkpoint(runs["run"] / "ckpt-last.pth")
+    ck = loading.load_checkpoint(runs["run"] / "ckpt-last.pth")
     assert ck.is_gm3d and ck.kd_dropped and ck.epoch == 3 and not ck.model.training
     assert ck.model.masker.total_epochs == MAX_EPOCH
     # any other stray key is still an error
@@ -140,27 +142,27 @@ def test_load_checkpoint_without_teacher_file_is_exact_elsewhere(runs, tmp_path)
     state["base_model"]["MAE_encoder.bogus"] = torch.zeros(1)
     atomic_save(state, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="bogus"):
-        vis.load_checkpoint(tmp_path / "bad.pth")
+        loading.load_checkpoint(tmp_path / "bad.pth")
 
 
 # --------------------------------------------------------------------------------------- sub-commands
 def test_gc_writes_png_of_expected_size(runs, tmp_path, capsys):
     out = tmp_path / "gc.png"
-    rc = vis.main(["gc", "--run", str(runs["run"]), "--shapes", "0", "2", "--panel", "2", "--dpi", "50",
+    rc = visualize.main(["gc", "--run", str(runs["run"]), "--shapes", "0", "2", "--panel", "2", "--dpi", "50",
                    "-o", str(out)])
     assert rc == 0
     assert str(out) in capsys.readouterr().out
     w, h, img = _pixels(out)
     # 3 checkpoints x (GC, mask) panels of 2 in + 2 gaps of 0.1 in + 1 in colour bar; 2 rows of 2 + 0.4 in
     assert (w, h) == (660, 260)
-    assert vis.gc_figsize(2, 3, 2.0) == pytest.approx((13.2, 5.2))
+    assert panels.gc_figsize(2, 3, 2.0) == pytest.approx((13.2, 5.2))
     assert _nonblank(img)
 
 
 def test_gc_with_explicit_ckpts_and_train_split(runs, tmp_path):
     out = tmp_path / "gc2.png"
     ckpts = [str(runs["run"] / "ckpt-epoch-001.pth"), str(runs["run"] / "ckpt-epoch-000.pth")]
-    rc = vis.main(["gc", "--ckpts", *ckpts,
+    rc = visualize.main(["gc", "--ckpts", *ckpts,
                    "--split", "train", "--shapes", "1", "--panel", "2", "--dpi", "50", "-o", str(out)])
     assert rc == 0
     w, h, _ = _pixels(out)
@@ -168,21 +170,21 @@ def test_gc_with_explicit_ckpts_and_train_split(runs, tmp_path):
 
 
 def test_gc_refuses_plain_point_mae_with_clear_error(runs, tmp_path, capsys):
-    rc = vis.main(["gc", "--ckpts", str(runs["mae"]), "-o", str(tmp_path / "x.png")])
+    rc = visualize.main(["gc", "--ckpts", str(runs["mae"]), "-o", str(tmp_path / "x.png")])
     assert rc == 2
     err = capsys.readouterr().err
     assert str(runs["mae"]) in err and "no GC decoder" in err
     assert not (tmp_path / "x.png").exists()
-    ck = vis.load_checkpoint(runs["mae"])
-    with pytest.raises(vis.NoGCDecoderError):
-        vis.gc_state(ck.model, torch.randn(128, 3), 0)
+    ck = loading.load_checkpoint(runs["mae"])
+    with pytest.raises(loading.NoGCDecoderError):
+        forward.gc_state(ck.model, torch.randn(128, 3), 0)
 
 
 @pytest.mark.parametrize("which", ["mae", "gm3d"])
 def test_recon_writes_png_for_point_mae_and_gm3d(runs, tmp_path, capsys, which):
     ckpt = runs["mae"] if which == "mae" else runs["run"] / "ckpt-last.pth"
     out = tmp_path / f"recon_{which}.png"
-    rc = vis.main(["recon", "--ckpt", str(ckpt), "--shapes", "0", "3", "--panel", "2", "--dpi", "50",
+    rc = visualize.main(["recon", "--ckpt", str(ckpt), "--shapes", "0", "3", "--panel", "2", "--dpi", "50",
                    "-o", str(out)])
     assert rc == 0
     assert str(out) in capsys.readouterr().out
@@ -192,15 +194,15 @@ def test_recon_writes_png_for_point_mae_and_gm3d(runs, tmp_path, capsys, which):
 
 
 def test_recon_state_shapes_and_mask_count(runs):
-    ck = vis.load_checkpoint(runs["run"] / "ckpt-last.pth")
-    shape = vis.load_shapes(ck.config, [0])[0]
-    st = vis.recon_state(ck, shape.points, seed=0)
+    ck = loading.load_checkpoint(runs["run"] / "ckpt-last.pth")
+    shape = loading.load_shapes(ck.config, [0])[0]
+    st = forward.recon_state(ck, shape.points, seed=0)
     M = int(st["mask"].sum())
     assert M == ck.model.masker.num_masked(16) == 10
     assert st["pred"].shape == st["target"].shape == (M, 8, 3)
     assert st["visible"].shape == ((16 - M) * 8, 3)
     assert np.isfinite(st["chamfer"])
-    gc = vis.gc_state(ck.model, shape.points, ck.epoch, seed=0)
+    gc = forward.gc_state(ck.model, shape.points, ck.epoch, seed=0)
     # at epoch 3 of 4, N_sel = int(10 * 4/4 * 0.5) = 5 top-scored patches are all masked
     assert gc["n_sel"] == 5 and gc["selected"].sum() == 5 and gc["mask"][gc["selected"]].all()
     assert shape.class_name == "chair"
@@ -209,10 +211,10 @@ def test_recon_state_shapes_and_mask_count(runs):
 @pytest.mark.parametrize("which,n_panels", [("gm3d", 8), ("mae", 4)])
 def test_curves_only_present_metrics(runs, tmp_path, capsys, which, n_panels):
     run = runs["run"] if which == "gm3d" else runs["mae"].parent
-    panels = vis.curve_panels(vis.read_metrics(run))
+    panels = curves.curve_panels(curves.read_metrics(run))
     assert len(panels) == n_panels
     out = tmp_path / f"curves_{which}.png"
-    rc = vis.main(["curves", "--run", str(run), "--dpi", "50", "-o", str(out)])
+    rc = visualize.main(["curves", "--run", str(run), "--dpi", "50", "-o", str(out)])
     assert rc == 0
     assert str(out) in capsys.readouterr().out
     w, h, img = _pixels(out)
@@ -222,16 +224,16 @@ def test_curves_only_present_metrics(runs, tmp_path, capsys, which, n_panels):
 
 
 def test_curves_missing_file_is_clear(tmp_path, capsys):
-    assert vis.main(["curves", "--run", str(tmp_path)]) == 2
+    assert visualize.main(["curves", "--run", str(tmp_path)]) == 2
     assert "metrics file not found" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------- training hook
 def test_gc_panel_evaluator_writes_file_and_returns_empty(runs, tmp_path):
-    ck = vis.load_checkpoint(runs["run"] / "ckpt-epoch-001.pth")
+    ck = loading.load_checkpoint(runs["run"] / "ckpt-epoch-001.pth")
     model = ck.model.train()
     dataset = build_dataset(DATASET_CFG["svm_test"])
-    ev = vis.GCPanelEvaluator(dataset, every=2, out_dir=tmp_path / "vis", num_shapes=2)
+    ev = evaluator.GCPanelEvaluator(dataset, every=2, out_dir=tmp_path / "vis", num_shapes=2)
     assert ev.name == "gc_vis" and ev.every == 2
     rng = torch.get_rng_state()
     assert ev(model, 1) == {}
@@ -244,10 +246,10 @@ def test_gc_panel_evaluator_writes_file_and_returns_empty(runs, tmp_path):
 
 
 def test_gc_panel_evaluator_warns_once_for_point_mae(runs, tmp_path, caplog):
-    ck = vis.load_checkpoint(runs["mae"])
+    ck = loading.load_checkpoint(runs["mae"])
     dataset = build_dataset(DATASET_CFG["svm_test"])
-    ev = vis.GCPanelEvaluator(dataset, every=1, out_dir=tmp_path / "vis")
-    with caplog.at_level(logging.WARNING, logger="tools.visualize"):
+    ev = evaluator.GCPanelEvaluator(dataset, every=1, out_dir=tmp_path / "vis")
+    with caplog.at_level(logging.WARNING, logger="tools.vis.evaluator"):
         assert ev(ck.model, 0) == {}
         assert ev(ck.model, 1) == {}
     assert sum("no GC decoder" in r.getMessage() for r in caplog.records) == 1
@@ -255,11 +257,11 @@ def test_gc_panel_evaluator_warns_once_for_point_mae(runs, tmp_path, caplog):
 
 
 def test_gc_panel_evaluator_before_training_uses_a_random_mask(runs, tmp_path):
-    ck = vis.load_checkpoint(runs["run"] / "ckpt-epoch-000.pth")
+    ck = loading.load_checkpoint(runs["run"] / "ckpt-epoch-000.pth")
     dataset = build_dataset(DATASET_CFG["svm_test"])
-    st = vis.gc_state(ck.model, vis.shapes_from_dataset(dataset, [0])[0].points, -1)
+    st = forward.gc_state(ck.model, loading.shapes_from_dataset(dataset, [0])[0].points, -1)
     assert st["n_sel"] == 0 and not st["selected"].any() and st["n_masked"] == 10
-    ev = vis.GCPanelEvaluator(dataset, every=1, out_dir=tmp_path, num_shapes=1)
+    ev = evaluator.GCPanelEvaluator(dataset, every=1, out_dir=tmp_path, num_shapes=1)
     assert ev(ck.model, -1) == {}
     assert (tmp_path / "gc_epoch_init.png").stat().st_size > 0
 
@@ -274,16 +276,16 @@ def test_recon_variant_b_uses_the_knowledge_teachers_point_head(tmp_path):
     _save(model, {"NAME": "Point_MAE_GM3D", **GROUP, "transformer_config": TINY_TC, "gm3d": g}, 1,
           tmp_path / "b.pth")
     teacher.unlink()
-    ck = vis.load_checkpoint(tmp_path / "b.pth")
+    ck = loading.load_checkpoint(tmp_path / "b.pth")
     assert ck.variant == "B" and ck.kd_dropped and ck.point_head is not None
     torch.testing.assert_close(ck.point_head.weight, model.knowledge_teacher.increase_dim[0].weight)
-    st = vis.recon_state(ck, vis.load_shapes(ck.config, [0])[0].points)
+    st = forward.recon_state(ck, loading.load_shapes(ck.config, [0])[0].points)
     assert st["pred"].shape == (10, 8, 3) and np.isfinite(st["pred"]).all()
 
 
 # --------------------------------------------------------------------------------------- gc_probe
 def test_gc_probe_correlations_recover_known_score_functions():
-    from tools.gc_probe import patch_quantities, score_correlations
+    from tools.vis.probe import patch_quantities, score_correlations
 
     g = torch.Generator().manual_seed(0)
     center = torch.randn(3, 10, 3, generator=g)
@@ -300,6 +302,7 @@ def test_gc_probe_correlations_recover_known_score_functions():
 
 def test_gc_probe_cli(runs, capsys):
     from tools import gc_probe
+    from tools.vis import probe
 
     assert gc_probe.main([str(runs["run"] / "ckpt-last.pth"), "--limit", "3"]) == 0
     out = capsys.readouterr().out
@@ -308,8 +311,30 @@ def test_gc_probe_cli(runs, capsys):
     assert gc_probe.main([str(runs["run"] / "ckpt-last.pth"), "--limit", "3", "--targets"]) == 0
     out = capsys.readouterr().out
     assert "| flatness | spread | random_mask | gm3d_mask |" in out
-    corr = gc_probe.probe(str(runs["run"] / "ckpt-last.pth"), limit=3, targets=True)
-    assert set(corr) == {*gc_probe.QUANTITIES, "random_mask", "gm3d_mask"}
+    corr = probe.probe(str(runs["run"] / "ckpt-last.pth"), limit=3, targets=True)
+    assert set(corr) == {*probe.QUANTITIES, "random_mask", "gm3d_mask"}
     assert all(v.shape == (3,) and bool(((v >= -1) & (v <= 1)).all()) for v in corr.values())
     assert gc_probe.main([str(runs["mae"])]) == 2
     assert "has no GC decoder" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------- masked forward
+def test_masked_forward_reconstruction_matches_the_training_point_loss():
+    """The views' reconstruction path (decode all tokens, keep the masked ones, model's point head) and
+    the training path (model.per_patch_terms, through gc_target) give the same per-patch Chamfer."""
+    from extensions import chamfer_l2
+
+    torch.manual_seed(0)
+    model = PointMAEGM3D(**GROUP, transformer_config=TINY_TC,
+                         gm3d={"variant": "A", "gc_decoder_depth": 1}).eval()
+    p = model.group(torch.randn(3, 128, 3))
+    mask = forward.random_masker(model.masker)(p.center, generator=forward.mask_generator(0))
+    out = forward.masked_forward(model, p, mask, gc_target=True)
+    B, M, K = 3, int(mask[0].sum()), GROUP["group_size"]
+    assert out.x_vis.shape[:2] == (B, GROUP["num_group"] - M)
+    assert out.decoded.shape[:2] == (B, M) and out.pred.shape == (B, M, K, 3)
+    target = p.neighborhood[mask].view(B * M, K, 3)
+    cd = chamfer_l2(out.pred.reshape(B * M, K, 3), target, reduction="none").view(B, M)
+    torch.testing.assert_close(cd, out.gc_target)           # variant A: the GC target is the point loss
+    only = forward.masked_forward(model, p, mask, reconstruct=False)
+    assert only.pred is None and only.gc_target is None and torch.equal(only.x_vis, out.x_vis)

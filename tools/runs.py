@@ -81,7 +81,7 @@ def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run
                                        batch_size=cfg.eval.svm_bs, device=device,
                                        C_grid=cfg.eval.svm_C_grid, standardize=cfg.eval.svm_standardize))
     if cfg.vis.gc_every > 0:
-        from tools.visualize import GCPanelEvaluator
+        from tools.vis.evaluator import GCPanelEvaluator
         vis_set = build_split(cfg, "svm_test") if cfg.dataset.svm_test else train_set
         evaluators.append(GCPanelEvaluator(vis_set, every=cfg.vis.gc_every, out_dir=out / "vis",
                                            num_shapes=cfg.vis.num_shapes))

@@ -1,0 +1,97 @@
+"""Rank correlations of a GM3D teacher's GC scores with per-patch quantities (``tools/gc_probe.py``).
+
+For every shape, the EMA teacher scores the patches of the complete cloud and the scores are
+Spearman-correlated with the patch centre's coordinates, its distance from the cloud's centre, the
+patch's flatness and spread (:func:`patch_quantities`), and optionally with the student's own GC
+training target under random and GM3D masks (:func:`target_correlations`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.losses import spearman_per_row
+from tools.vis.forward import mask_generator, masked_forward, random_masker
+from tools.vis.loading import NoGCDecoderError, default_split, is_gm3d, load_checkpoint
+
+__all__ = ["MASK_SEEDS", "QUANTITIES", "patch_quantities", "probe", "score_correlations", "table",
+           "target_correlations"]
+
+QUANTITIES = ("x", "y", "z", "radius", "flatness", "spread")
+MASK_SEEDS = (0, 1, 2)
+
+
+def patch_quantities(center: torch.Tensor, neighborhood: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-patch quantities (B, G) from centres (B, G, 3) and centred patches (B, G, K, 3)."""
+    nb = neighborhood.float()
+    cov = torch.einsum("bgki,bgkj->bgij", nb, nb) / nb.shape[2]
+    ev = torch.linalg.eigvalsh(cov)                                          # ascending
+    total = ev.sum(-1)
+    c = center.float()
+    return {"x": c[..., 0], "y": c[..., 1], "z": c[..., 2],
+            "radius": (c - c.mean(1, keepdim=True)).norm(dim=-1),
+            "flatness": ev[..., 0] / total.clamp_min(1e-12), "spread": total}
+
+
+def score_correlations(scores: torch.Tensor, center: torch.Tensor,
+                       neighborhood: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Spearman correlation per shape (B,) of the scores (B, G) with each of :data:`QUANTITIES`."""
+    return {k: spearman_per_row(scores, v) for k, v in patch_quantities(center, neighborhood).items()}
+
+
+@torch.no_grad()
+def target_correlations(model, p, scores: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+    """Per shape (B,): Spearman of the teacher ``scores`` (B, G) with the student's GC training target on
+    the masked patches, under random masks (``random_mask``) and the model's GM3D mask at ``epoch``
+    (``gm3d_mask``), each averaged over :data:`MASK_SEEDS`."""
+    maskers = {"random_mask": random_masker(model.masker), "gm3d_mask": model.masker}
+    out = {}
+    for name, masker in maskers.items():
+        rhos = []
+        for seed in MASK_SEEDS:
+            mask = masker(p.center, generator=mask_generator(seed), epoch=epoch, scores=scores)
+            B, M = mask.shape[0], int(mask[0].sum())
+            target = masked_forward(model, p, mask, reconstruct=False, gc_target=True).gc_target
+            rhos.append(spearman_per_row(scores[mask].view(B, M), target))
+        out[name] = torch.stack(rhos).mean(0)
+    return out
+
+
+@torch.no_grad()
+def probe(ckpt: str, split: str | None = None, batch_size: int = 64, limit: int | None = None,
+          targets: bool = False) -> dict[str, torch.Tensor]:
+    """Correlations of a GM3D checkpoint's teacher scores over a split: name -> (num_shapes,).
+
+    Keys: :data:`QUANTITIES`, and with ``targets`` also ``random_mask`` / ``gm3d_mask``
+    (:func:`target_correlations`)."""
+    from tools.builders import build_split
+
+    ck = load_checkpoint(ckpt)
+    model = ck.model.eval()
+    if not is_gm3d(model):
+        raise NoGCDecoderError(f"{ckpt}: {type(model).__name__} has no GC decoder; "
+                               f"gc_probe needs a GM3D checkpoint")
+    dataset = build_split(ck.config, split or default_split(ck.config))
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    out: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, n, batch_size):
+        pts = torch.stack([dataset[i]["points"] for i in range(start, min(start + batch_size, n))])
+        p = model.group(pts.float())
+        scores = model.teacher_scores(p.neighborhood, p.center)
+        corr = score_correlations(scores, p.center, p.neighborhood)
+        if targets:
+            corr.update(target_correlations(model, p, scores, max(ck.epoch, 0)))
+        for k, v in corr.items():
+            out.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def table(results: dict[str, dict[str, torch.Tensor]]) -> str:
+    """A Markdown table: one row per checkpoint, ``mean (mean |rho|)`` per quantity."""
+    cols = [k for k in (*QUANTITIES, "random_mask", "gm3d_mask") if all(k in c for c in results.values())]
+    head = "| checkpoint | shapes | " + " | ".join(cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 2)]
+    for name, corr in results.items():
+        cells = [f"{corr[k].mean():+.2f} ({corr[k].abs().mean():.2f})" for k in cols]
+        lines.append(f"| {name} | {len(corr['x'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
