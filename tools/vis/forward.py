@@ -2,9 +2,9 @@
 
 Every call into the model's internals made by ``tools/visualize.py`` and ``tools/gc_probe.py`` is in
 this module (and in :mod:`tools.vis.loading`): the grouping (``model.group``), the EMA teacher's scores
-(``model.teacher_scores``), the masker (``model.masker``), and in :func:`masked_forward` the student's
-encoder and decoder (``model.MAE_encoder``, ``model.decode`` with ``model.mask_token`` /
-``model.MAE_decoder``, ``model.reconstruct``) and the GM3D per-patch terms (``model.per_patch_terms``).
+(``model.teacher_scores``), the masker (``model.masker``), and in :func:`masked_forward` the encoder
+(``model.encode``, the backbone contract), the Point-MAE decoder and point head of the reconstruction
+pictures (``decode``, ``reconstruct``) and the GM3D per-patch terms (``model.per_patch_terms``).
 """
 
 from __future__ import annotations
@@ -57,15 +57,18 @@ def masked_forward(model: torch.nn.Module, p, mask: torch.Tensor, *, reconstruct
     ``gc_target``: the per-masked-patch error that a GM3D model's GC decoder learns to rank (point
     Chamfer, plus the feature-KD error for variants B and C), as in training.
     """
+    from models.gm3d import GM3D
+
     B, M = mask.shape[0], int(mask[0].sum())
-    out = MaskedForward(x_vis=model.MAE_encoder(p.neighborhood, p.center, mask))
+    student = model.student if isinstance(model, GM3D) else model   # the Point-MAE pieces of the pictures
+    out = MaskedForward(x_vis=model.encode(p, mask))
     if reconstruct:
-        out.decoded = model.decode(out.x_vis, p.center, mask, model.mask_token, model.MAE_decoder)[:, -M:]
+        out.decoded = student.decode(out.x_vis, p.center, mask, student.mask_token, student.MAE_decoder)[:, -M:]
         if point_head is not None:
-            K = model.group_size
+            K = student.group_size
             out.pred = point_head(out.decoded.transpose(1, 2)).transpose(1, 2).reshape(B, M, K, 3)
         else:
-            out.pred = model.reconstruct(out.decoded)                                  # (B, M, K, 3)
+            out.pred = student.reconstruct(out.decoded)                                # (B, M, K, 3)
     if gc_target:
         out.gc_target = model.per_patch_terms(p, mask, out.x_vis)[3]
     return out
@@ -84,7 +87,7 @@ def gc_state(model: torch.nn.Module, points: torch.Tensor, epoch: int, seed: int
     device = next(model.parameters()).device
     pts = points.to(device=device, dtype=torch.float32)[None]
     p = model.group(pts)
-    scores = model.teacher_scores(p.neighborhood, p.center)                       # (1, G)
+    scores = model.teacher_scores(p)                                               # (1, G)
     masker = model.masker
     if epoch < 0:  # before training (the engine's epoch -1): no curriculum yet, a random mask
         masker = random_masker(masker)
@@ -117,7 +120,7 @@ def recon_state(ck: LoadedCheckpoint, points: torch.Tensor, seed: int = 0) -> di
     p = model.group(pts)
     scores = None
     if ck.is_gm3d and model.masker.num_selected(epoch, p.center.shape[1]) > 0:
-        scores = model.teacher_scores(p.neighborhood, p.center)
+        scores = model.teacher_scores(p)
     mask = model.masker(p.center, generator=mask_generator(seed), epoch=epoch, scores=scores)
     M = int(mask[0].sum())
     pred = masked_forward(model, p, mask, point_head=ck.point_head).pred          # (1, M, K, 3)

@@ -44,8 +44,9 @@ class NoGCDecoderError(CheckpointError):
 
 def is_gm3d(model: torch.nn.Module) -> bool:
     """Whether ``model`` has what the GC views need: an EMA teacher's scores, a GC decoder, a GM3D masker."""
-    return hasattr(model, "teacher_scores") and hasattr(model, "MAE_decoder_loss_pred") \
-        and hasattr(model.masker, "num_selected")
+    from models.gm3d import GM3D
+
+    return isinstance(model, GM3D)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -75,6 +76,16 @@ def _model_class(name: str):
         raise ConfigError(f"config model.NAME {name!r}: {e}") from e
 
 
+def migrate_gm3d_config(model_cfg: dict) -> None:
+    """Move ``gm3d.alpha_max`` / ``gm3d.curriculum`` of checkpoints written before the ``model.mask``
+    block existed into it (in place)."""
+    g = dict(model_cfg.get("gm3d") or {})
+    moved = {k: g.pop(k) for k in ("alpha_max", "curriculum") if k in g}
+    if moved:
+        model_cfg["gm3d"] = g
+        model_cfg["mask"] = {**dict(model_cfg.get("mask") or {}), **moved}
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Build the model of a pre-training checkpoint from its own ``config['model']`` and load it.
 
@@ -83,7 +94,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     which has no knowledge teacher; the GC decoder and the EMA teacher do not depend on it).
     """
     from models import build_model
-    from models.gm3d import PointMAEGM3D
+    from models.gm3d import GM3D
 
     path = Path(path)
     ck = ckpt_io.load_file(path)
@@ -95,7 +106,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     config = copy.deepcopy(dict(config))
     model_cfg = copy.deepcopy(dict(config["model"]))
     cls = _model_class(model_cfg["NAME"])
-    gm3d = isinstance(cls, type) and issubclass(cls, PointMAEGM3D)
+    gm3d = isinstance(cls, type) and issubclass(cls, GM3D)
+    if gm3d:
+        migrate_gm3d_config(model_cfg)
     variant, kd_dropped = None, False
     if gm3d:
         g = dict(model_cfg.get("gm3d") or {})

@@ -77,7 +77,7 @@ def probe(ckpt: str, split: str | None = None, batch_size: int = 64, limit: int 
     for start in range(0, n, batch_size):
         pts = torch.stack([dataset[i]["points"] for i in range(start, min(start + batch_size, n))])
         p = model.group(pts.float())
-        scores = model.teacher_scores(p.neighborhood, p.center)
+        scores = model.teacher_scores(p)
         corr = score_correlations(scores, p.center, p.neighborhood)
         if targets:
             corr.update(target_correlations(model, p, scores, max(ck.epoch, 0)))
