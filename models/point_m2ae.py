@@ -596,3 +596,42 @@ class PointM2AETeacher(EncoderTeacher):
         none = torch.zeros(B, G, dtype=torch.bool, device=groups[-1].center.device)
         masks = propagate_mask(none, groups, self.official_index0)
         return self.h_encoder(groups, masks, self.local_attention)[0][-1]
+
+
+# ---------------------------------------------------------------------- GeoMask3D on Point-M2AE
+from models.gm3d import GM3D  # noqa: E402  (gm3d imports point_mae only; no cycle)
+
+
+@MODELS.register("Point_M2AE_GM3D", "PointM2AE_GM3D")
+class PointM2AEGM3D(GM3D):
+    """Point-M2AE + GeoMask3D (docs/M2AE.md): :class:`GM3D` over :class:`PointM2AE`.
+
+    GC scores and the easy-to-hard curriculum act on the coarsest scale; the mask then propagates down
+    by Point-M2AE's rule; the GC target of a masked coarse token is the mean Chamfer of the masked
+    second-scale tokens in its group (plus the feature-KD error at the coarse scale); the knowledge
+    teacher is a frozen pre-trained Point-M2AE encoder (:class:`PointM2AETeacher`). Same arguments as
+    :class:`PointM2AE`, plus ``gm3d`` and an optional pre-built ``knowledge_teacher``.
+    """
+
+    ARCH = "point_m2ae"
+
+    def __init__(self, group_sizes: list[int] | None = None, num_groups: list[int] | None = None,
+                 encoder_depths: list[int] | None = None, encoder_dims: list[int] | None = None,
+                 local_radius: list[float] | None = None, num_heads: int = 6, drop_path_rate: float = 0.1,
+                 mask_ratio: float | None = None, decoder_depths: list[int] | None = None,
+                 decoder_dims: list[int] | None = None, decoder_up_blocks: list[int] | None = None,
+                 mask: dict | None = None, local_attention_in_pretrain: bool = False,
+                 official_index0: bool = False, gm3d: dict | None = None,
+                 knowledge_teacher: EncoderTeacher | None = None):
+        m = dict(mask or {})
+        ratio = mask_ratio if mask_ratio is not None else m.get("ratio", 0.8)
+        m.setdefault("ratio", ratio)
+        if mask_ratio is not None and m["ratio"] != mask_ratio:
+            raise ConfigError(f"model: mask_ratio={mask_ratio!r} disagrees with mask.ratio={m['ratio']!r}; "
+                              f"set it in one place")
+        student_mask = {k: v for k, v in m.items() if k in ("ratio", "count")}
+        student = PointM2AE(group_sizes, num_groups, encoder_depths, encoder_dims, local_radius, num_heads,
+                            drop_path_rate, None, decoder_depths, decoder_dims, decoder_up_blocks,
+                            mask=student_mask, local_attention_in_pretrain=local_attention_in_pretrain,
+                            official_index0=official_index0)
+        super().__init__(student, mask=m, gm3d=gm3d, knowledge_teacher=knowledge_teacher)
