@@ -356,7 +356,7 @@ def test_gm3d_m2ae_curriculum_top_scores_masked_and_metrics(teacher_ckpt):
 def test_gm3d_m2ae_target_is_mean_chamfer_of_masked_children(teacher_ckpt):
     m = gm3d("C", teacher_ckpt).eval()
     groups = m.group(clouds())
-    _, mask = m.masked_view(groups, epoch=0, generator=torch.Generator().manual_seed(0), need_scores=False)
+    _, mask = m.masked_view(groups, epoch=0, generator=torch.Generator().manual_seed(0), need_scores=True)
     enc = m.encode(groups, mask)
     f_hat, l_p = m.reconstruct_masked(groups, mask, enc)
     M = int(mask[0].sum())
@@ -394,7 +394,7 @@ def test_gm3d_m2ae_every_student_param_gets_gradient_teachers_frozen(teacher_ckp
 
 def test_gm3d_m2ae_teacher_loads_from_fake_official_checkpoint(teacher_ckpt, tmp_path):
     m = gm3d("C", teacher_ckpt)
-    ref = tiny()
+    ref = tiny().eval()
     for k, v in m.knowledge_teacher.state_dict().items():
         assert torch.equal(v, ref.state_dict()[k]), k
     groups = ref.group(clouds())
@@ -448,7 +448,7 @@ def test_m2ae_quickstart_cli_end_to_end(tmp_path):
     small = ["model.num_groups=[32,16,8]", "model.group_sizes=[8,4,4]", "model.encoder_depths=[1,1,1]",
              "model.encoder_dims=[24,48,96]", "model.decoder_dims=[96,48]", "max_epoch=1", "total_bs=16",
              "scheduler.kwargs.epochs=1", "scheduler.kwargs.initial_epochs=0", "eval.svm_every=1",
-             "dataset.train.samples_per_class=2", "dataset.svm_train.samples_per_class=2",
+             "dataset.train.samples_per_class=2", "dataset.svm_train.samples_per_class=3",
              "dataset.svm_test.test_per_class=2", "dataset.train.npoints=128", "dataset.svm_train.npoints=128",
              "dataset.svm_test.npoints=128", "npoints=128"]
     run = tmp_path / "m2ae"
