@@ -15,6 +15,18 @@ prefixes:
   encoder under ``encoder.*``, ``pos_embed.*``, ``blocks.blocks.*``, ``norm.*`` (the head is dropped when
   only the encoder is wanted).
 
+Point-M2AE (``ARCH = "point_m2ae"``), canonical encoder names ``h_encoder.*`` (docs/M2AE.md):
+
+* pre-training: the official ``pre-train.pth`` (``module.`` prefix) and this project's Point-M2AE and GM3D
+  runs: ``h_encoder.*`` with ``encoder_norms`` (EMA teacher under ``ema.h_encoder.*``); the decoder
+  (``mask_token``, ``h_decoder``, ``decoder_pos_embeds``, ``token_prop``, ``decoder_norm``, ``rec_head``),
+  the GC branch and the teachers are dropped;
+* fine-tuned: the official ``modelnet40.pth`` / ``scan_*.pth`` and this project's classifier runs:
+  ``h_encoder.*`` without ``encoder_norms``, a top-level ``norm.*`` and the head.
+
+As in the official fine-tuning, a pre-trained file's ``encoder_norms`` are not used by a classifier,
+whose ``norm`` starts fresh (it is taken from a fine-tuned file when that file has it).
+
 Any other key is an error that names it, so a checkpoint of another architecture fails loudly.
 """
 
@@ -29,7 +41,7 @@ from utils.errors import CheckpointError
 from utils.registry import Registry
 from utils.state_dict import extract_state_dict, show_keys, strip_prefixes
 
-__all__ = ["ADAPTERS", "CheckpointAdapter", "PointMAEAdapter", "adapter_for"]
+__all__ = ["ADAPTERS", "CheckpointAdapter", "PointMAEAdapter", "PointM2AEAdapter", "adapter_for"]
 
 ADAPTERS = Registry("checkpoint adapters")
 
@@ -56,8 +68,6 @@ class CheckpointAdapter:
             adapter = ADAPTERS.get(name)()
             if name != self.arch and adapter.recognises(keys):
                 return f" It looks like a {adapter.display} checkpoint, which this {self.display} model cannot use."
-        if any(k.startswith("h_encoder.") for k in keys) and "point_m2ae" not in ADAPTERS:
-            return f" It looks like a Point-M2AE checkpoint (h_encoder.*), which this {self.display} model cannot use."
         if any(k.startswith(("transformer_q.", "dvae.")) for k in keys):
             return " It looks like a Point-BERT / MoCo checkpoint (transformer_q.*)."
         return ""
@@ -179,6 +189,91 @@ class PointMAEAdapter(CheckpointAdapter):
         if unknown:
             raise CheckpointError(f"{where}: unexpected keys for a Point-MAE knowledge teacher: {show_keys(unknown)}")
         return {k: v for k, v in sd.items() if k.startswith(keep)}
+
+
+@ADAPTERS.register("point_m2ae")
+class PointM2AEAdapter(CheckpointAdapter):
+    """Point-M2AE: canonical encoder names are those of ``HierarchicalEncoder`` under ``h_encoder.``."""
+
+    arch = "point_m2ae"
+    display = "Point-M2AE"
+    ENCODER = ("h_encoder.",)
+    NORMS = "h_encoder.encoder_norms."
+    EXTRA = ("norm.",)
+    HEAD = "cls_head_finetune."
+    PRETRAIN_ONLY = (
+        "mask_token", "h_decoder.", "decoder_pos_embeds.", "token_prop.", "decoder_norm.", "rec_head.",  # decoder
+        "MAE_decoder_loss_pred.", "mask_token_loss_pred", "increase_dim_2.",                           # GM3D GC
+        "ema.", "knowledge_teacher.",                                                                  # teachers
+    )
+
+    def recognises(self, keys: Iterable[str]) -> bool:
+        return any(k.startswith(("h_encoder.", "ema.h_encoder.")) for k in keys)
+
+    def is_pretraining(self, state):
+        return any(k.startswith((self.NORMS, "h_decoder.", "rec_head.")) or k == "mask_token" for k in state)
+
+    def encoder_weights(self, ckpt, *, source="student", where="<checkpoint>"):
+        sd = self.state(ckpt, where)
+        prefix = "ema.h_encoder." if source == "ema" else "h_encoder."
+        if not any(k.startswith(prefix) for k in sd):
+            if source == "ema":
+                raise CheckpointError(f"{where}: source='ema' but the checkpoint has no ema.h_encoder.* keys "
+                                      f"(it has {show_keys(sd, 10)})")
+            raise CheckpointError(
+                f"{where}: no Point-M2AE encoder weights found: expected keys under h_encoder.* (official "
+                f"pre-training and fine-tuning layouts), after removing module. / base_model. prefixes. "
+                f"The checkpoint has: {show_keys(sd, 10)}.{self.guess_architecture(sd)}")
+        pretraining = self.is_pretraining(sd)
+        layout = (f"pre-training ({prefix}*)" if pretraining else "fine-tune / encoder-only (h_encoder.*, norm.*)")
+        dropped: dict[str, list[str]] = {"pre-training only": [], "fine-tune head": []}
+        out: dict[str, torch.Tensor] = {}
+        extra: dict[str, torch.Tensor] = {}
+        unknown: list[str] = []
+        unused = self.PRETRAIN_ONLY + (("h_encoder.",) if source == "ema" else ())
+        for k, v in sd.items():
+            if k.startswith(prefix):
+                out["h_encoder." + k[len(prefix):]] = v
+            elif k.startswith(self.EXTRA):
+                extra[k] = v
+            elif k.startswith(self.HEAD):
+                dropped["fine-tune head"].append(k)
+            elif k.startswith(unused) and (pretraining or source == "ema"):
+                dropped["pre-training only"].append(k)
+            else:
+                unknown.append(k)
+        if unknown:
+            raise CheckpointError(f"{where} ({layout}): keys of an unknown kind, refusing to guess: "
+                                  f"{show_keys(unknown, 10)}.{self.guess_architecture(sd)}")
+        info = {"layout": layout, "dropped": {k: v for k, v in dropped.items() if v}, "n_encoder": len(out),
+                "extra": extra}
+        return out, info
+
+    def finetune_state(self, model, ckpt, *, source="student", where="<checkpoint>"):
+        """The encoder for a fine-tuning model; the pre-training ``encoder_norms`` are dropped when the
+        model has none (the official fine-tuning models), as the official loader ignores them."""
+        enc, info = super().finetune_state(model, ckpt, source=source, where=where)
+        own = model.state_dict()
+        norms = [k for k in enc if k.startswith(self.NORMS) and k not in own]
+        for k in norms:
+            del enc[k]
+        if norms:
+            info["dropped"].setdefault("pre-training encoder_norms (the classifier has its own norm)", []).extend(norms)
+            info["n_encoder"] -= len(norms)
+        return enc, info
+
+    def teacher_state(self, ckpt, *, where: str = "<checkpoint>") -> dict[str, torch.Tensor]:
+        """Weights for the Point-M2AE knowledge teacher: ``h_encoder.*`` (with ``encoder_norms``) of a
+        pre-training file; the other pre-training keys are dropped, anything else is an error."""
+        sd = self.state(ckpt, where)
+        if not any(k.startswith(self.NORMS) for k in sd):
+            raise CheckpointError(f"{where}: a knowledge teacher needs a Point-M2AE pre-training checkpoint "
+                                  f"(h_encoder.* with h_encoder.encoder_norms.*); it has {show_keys(sd, 10)}."
+                                  f"{self.guess_architecture(sd)}")
+        unknown = [k for k in sd if not k.startswith(("h_encoder.",) + self.PRETRAIN_ONLY)]
+        if unknown:
+            raise CheckpointError(f"{where}: unexpected keys for a Point-M2AE knowledge teacher: {show_keys(unknown)}")
+        return {k: v for k, v in sd.items() if k.startswith("h_encoder.")}
 
 
 def adapter_for(model: Any) -> CheckpointAdapter:
