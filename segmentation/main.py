@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exp_name", default="default", help="run folder name under experiments/<config stem>/")
     p.add_argument("--run_dir", default=None, help="explicit run folder (overrides --exp_name)")
     p.add_argument("--resume", action="store_true", help="continue a run from <run>/ckpt-last.pth")
+    p.add_argument("--stop_after_epoch", type=int, default=None,
+                   help="leave after this epoch (checkpoint written); continue with --resume")
     p.add_argument("opts", nargs="*", help="config overrides, e.g. max_epoch=10 optimizer.kwargs.lr=1e-4")
     args = p.parse_args(argv)
     if not (args.finetune or args.scratch or args.test or args.resume):
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_segmentation(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, ckpt=args.finetune,
-                         scratch=args.scratch, test=args.test, vote=args.vote, resume=args.resume)
+                         scratch=args.scratch, test=args.test, vote=args.vote, resume=args.resume,
+                         stop_after_epoch=args.stop_after_epoch)
     except Exception as e:  # a clear one-line message for the user errors we raise on purpose
         if isinstance(e, USER_ERRORS):
             logging.getLogger("segmentation").error("%s: %s", type(e).__name__, e)

@@ -173,8 +173,9 @@ def _check_parts(model: nn.Module, dataset: Dataset, what: str) -> None:
 
 def run_segmentation(config: str, opts: list[str], *, exp_name: str = "default", run_dir: str | None = None,
                      ckpt: str | None = None, scratch: bool = False, test: str | None = None, vote: bool = False,
-                     resume: bool = False) -> dict[str, Any]:
-    """Train (or, with ``test``, only evaluate) a part-segmentation model; prints and returns the summary."""
+                     resume: bool = False, stop_after_epoch: int | None = None) -> dict[str, Any]:
+    """Train (or, with ``test``, only evaluate) a part-segmentation model; prints and returns the summary.
+    ``stop_after_epoch``: leave after that epoch (checkpoint written), to continue with ``resume``."""
     from tools.builders import build_model_from_cfg, build_split, build_transform
     from tools.engine import Trainer
     from tools.pretrained import load_finetuned
@@ -228,7 +229,7 @@ def run_segmentation(config: str, opts: list[str], *, exp_name: str = "default",
     augment = build_transform(cfg)
     transform = CarryLabels(augment) if augment is not None else None
     trainer = Trainer(cfg, model, train_set, out, evaluators=evaluators, transform=transform, resume=resume,
-                      device=device)
+                      device=device, stop_after_epoch=stop_after_epoch)
     summary = trainer.fit()
     summary.update({"mode": "segment", "init": info["init"], "init_layout": info.get("layout"),
                     "left_at_init": info.get("missing")})
