@@ -1,7 +1,13 @@
 """Batch-level point-cloud augmentations that run on the points' device, plus ``pc_norm``.
 
-Every transform is a callable ``t(points (B, N, 3), generator=None) -> (B, N, 3)`` vectorised over the
-batch (no per-sample Python loop). Random numbers come only from the explicit ``torch.Generator``
+Every transform is a callable ``t(points (B, N, 3), generator=None) -> (B, N', 3)`` vectorised over the
+batch (no per-sample Python loop). Per-point labels travel with the points: ``t(points, generator,
+extra=labels)`` returns ``(points, labels)``, where ``labels`` is a (B, N, ...) tensor or a dict of them
+(part labels, normals) and comes back indexed like the output points; without ``extra`` the call and its
+result are unchanged. Point-wise maps (scale, rotate, jitter...) return ``extra`` as it is; transforms
+that move, repeat or drop points (:class:`RandomDropout`, :class:`PermutePoints`,
+:class:`SubsamplePoints`) gather it with the same indices. A transform draws the same random numbers
+with or without ``extra``. Random numbers come only from the explicit ``torch.Generator``
 (drawn on the generator's device, then moved to the points' device) or, when it is ``None``, from
 torch's global RNG on the points' device; numpy's and Python's global RNGs are never used. Output
 keeps the input's device and dtype. Draws are float32 whatever the input dtype, so one seed gives the
@@ -31,11 +37,13 @@ __all__ = [
     "TRANSFORMS",
     "Compose",
     "Jitter",
+    "PermutePoints",
     "RandomDropout",
     "RotatePerturbation",
     "RotateY",
     "Scale",
     "ScaleAndTranslate",
+    "SubsamplePoints",
     "Transform",
     "Translate",
     "build_transforms",
@@ -143,10 +151,43 @@ def _check_nonneg(name: str, **values: float) -> None:
             raise ConfigError(f"{name}: '{key}' must be a finite number >= 0, got {value!r}")
 
 
-class Transform:
-    """Base class: subclasses implement ``__call__(points (B, N, 3), generator) -> (B, N, 3)``."""
+def _check_extra(extra: Any, points: torch.Tensor, who: str) -> None:
+    """``extra`` must be (B, N, ...) tensors matching ``points`` (B, N, 3)."""
+    items = extra.items() if isinstance(extra, Mapping) else [("extra", extra)]
+    for key, t in items:
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or tuple(t.shape[:2]) != tuple(points.shape[:2]):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise DataError(f"{who}: per-point '{key}' must be a (B, N, ...) tensor with (B, N) = "
+                            f"{tuple(points.shape[:2])} as the points, got {shape}")
 
-    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+
+def _check_extra_opt(extra: Any, points: torch.Tensor, who: str) -> None:
+    if extra is not None:
+        _check_extra(extra, points, who)
+
+
+def _carry(points: torch.Tensor, extra: Any, index: torch.Tensor | None = None, who: str = "transform"):
+    """``points`` alone without ``extra``; else ``(points, extra)`` with ``extra`` gathered along the
+    point dimension by ``index`` (B, N') when the transform moved points (None: left as it is)."""
+    if extra is None:
+        return points
+    if index is None:
+        return points, extra
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        idx = index.to(t.device).reshape(index.shape + (1,) * (t.dim() - 2)).expand(*index.shape, *t.shape[2:])
+        return torch.gather(t, 1, idx)
+
+    if isinstance(extra, Mapping):
+        return points, {k: take(v) for k, v in extra.items()}
+    return points, take(extra)
+
+
+class Transform:
+    """Base class: subclasses implement ``__call__(points (B, N, 3), generator, extra=None)``, returning
+    the points, or ``(points, extra)`` when ``extra`` is given (see the module docstring)."""
+
+    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None, extra=None):
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -175,12 +216,13 @@ class ScaleAndTranslate(Transform):
         _check_nonneg("ScaleAndTranslate", translate_range=translate_range)
         self.scale_low, self.scale_high, self.translate_range = scale_low, scale_high, translate_range
 
-    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None, extra=None):
         _check_points(points, "ScaleAndTranslate")
+        _check_extra_opt(extra, points, "ScaleAndTranslate")
         b = points.shape[0]
         scale = _uniform(self.scale_low, self.scale_high, (b, 1, 3), points, generator)
         shift = _uniform(-self.translate_range, self.translate_range, (b, 1, 3), points, generator)
-        return points * scale + shift
+        return _carry(points * scale + shift, extra)
 
 
 @TRANSFORMS.register("Scale")
@@ -201,11 +243,12 @@ class Scale(Transform):
         _check_range("Scale", lo, hi)
         self.lo, self.hi, self.anisotropic = lo, hi, anisotropic
 
-    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None, extra=None):
         _check_points(points, "Scale")
+        _check_extra_opt(extra, points, "Scale")
         b = points.shape[0]
         scale = _uniform(self.lo, self.hi, (b, 3 if self.anisotropic else 1), points, generator)
-        return points * scale.unsqueeze(1)
+        return _carry(points * scale.unsqueeze(1), extra)
 
 
 @TRANSFORMS.register("Translate")
@@ -222,10 +265,11 @@ class Translate(Transform):
         _check_nonneg("Translate", range=range)
         self.range = range
 
-    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None, extra=None):
         _check_points(points, "Translate")
+        _check_extra_opt(extra, points, "Translate")
         shift = _uniform(-self.range, self.range, (points.shape[0], 1, 3), points, generator)
-        return points + shift
+        return _carry(points + shift, extra)
 
 
 @TRANSFORMS.register("RotateY", "PointcloudRotate")
@@ -236,10 +280,11 @@ class RotateY(Transform):
     Draw: ``rand(B)``.
     """
 
-    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None, extra=None):
         _check_points(points, "RotateY")
+        _check_extra_opt(extra, points, "RotateY")
         angle = 2.0 * math.pi * _rand((points.shape[0],), points, generator)
-        return torch.bmm(points, _rotation_y(angle))
+        return _carry(torch.bmm(points, _rotation_y(angle)), extra)
 
 
 @TRANSFORMS.register("RotatePerturbation")
@@ -258,13 +303,14 @@ class RotatePerturbation(Transform):
         _check_nonneg("RotatePerturbation", angle_sigma=angle_sigma, angle_clip=angle_clip)
         self.angle_sigma, self.angle_clip = angle_sigma, angle_clip
 
-    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None, extra=None):
         _check_points(points, "RotatePerturbation")
+        _check_extra_opt(extra, points, "RotatePerturbation")
         angles = (self.angle_sigma * _randn((points.shape[0], 3), points, generator)).clamp(
             -self.angle_clip, self.angle_clip
         )
         rot = _rotation_z(angles[:, 2]) @ _rotation_y(angles[:, 1]) @ _rotation_x(angles[:, 0])
-        return torch.bmm(points, rot)
+        return _carry(torch.bmm(points, rot), extra)
 
 
 @TRANSFORMS.register("Jitter", "PointcloudJitter")
@@ -282,15 +328,17 @@ class Jitter(Transform):
         _check_nonneg("Jitter", sigma=sigma, clip=clip)
         self.sigma, self.clip = sigma, clip
 
-    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None, extra=None):
         _check_points(points, "Jitter")
+        _check_extra_opt(extra, points, "Jitter")
         noise = (self.sigma * _randn(points.shape, points, generator)).clamp(-self.clip, self.clip)
-        return points + noise
+        return _carry(points + noise, extra)
 
 
 @TRANSFORMS.register("RandomDropout")
 class RandomDropout(Transform):
-    """PointNet++ / official random input dropout, keeping N: dropped points become the first point.
+    """PointNet++ / official random input dropout, keeping N: dropped points become the first point
+    (and take the first point's labels).
 
     Per sample ``ratio[b] = u[b] * max_dropout_ratio`` (draw ``rand(B)``), then point ``n`` is dropped
     when ``v[b, n] <= ratio[b]`` (draw ``rand(B, N)``) and replaced by ``points[b, 0]``.
@@ -306,12 +354,58 @@ class RandomDropout(Transform):
             )
         self.max_dropout_ratio = max_dropout_ratio
 
-    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None, extra=None):
         _check_points(points, "RandomDropout")
+        _check_extra_opt(extra, points, "RandomDropout")
         b, n, _ = points.shape
         ratio = self.max_dropout_ratio * _rand((b, 1), points, generator)
         drop = _rand((b, n), points, generator) <= ratio
-        return torch.where(drop.unsqueeze(-1), points[:, :1, :], points)
+        out = torch.where(drop.unsqueeze(-1), points[:, :1, :], points)
+        if extra is None:
+            return out
+        index = torch.where(drop, 0, torch.arange(n, device=points.device).expand(b, n))
+        return _carry(out, extra, index)
+
+
+@TRANSFORMS.register("PermutePoints")
+class PermutePoints(Transform):
+    """An independent random order of the points of every sample: ``out[b] = points[b, perm[b]]``.
+
+    ``perm[b] = argsort(u[b])`` with ``u`` drawn as ``rand(B, N)``.
+    """
+
+    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None, extra=None):
+        _check_points(points, "PermutePoints")
+        _check_extra_opt(extra, points, "PermutePoints")
+        b, n, _ = points.shape
+        index = _rand((b, n), points, generator).float().argsort(dim=1)
+        return _carry(torch.gather(points, 1, index.unsqueeze(-1).expand(b, n, 3)), extra, index)
+
+
+@TRANSFORMS.register("SubsamplePoints")
+class SubsamplePoints(Transform):
+    """Keep a random subset of ``npoints`` distinct points of every sample (the others are dropped).
+
+    ``keep[b] = argsort(u[b])[:npoints]`` with ``u`` drawn as ``rand(B, N)``, so the kept points come in
+    random order. A cloud with at most ``npoints`` points is returned as it is (no draw).
+
+    Args:
+        npoints: points kept per sample.
+    """
+
+    def __init__(self, npoints: int = 1024):
+        if int(npoints) != npoints or npoints < 1:
+            raise ConfigError(f"SubsamplePoints: 'npoints' must be a positive integer, got {npoints!r}")
+        self.npoints = int(npoints)
+
+    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None, extra=None):
+        _check_points(points, "SubsamplePoints")
+        _check_extra_opt(extra, points, "SubsamplePoints")
+        b, n, _ = points.shape
+        if n <= self.npoints:
+            return _carry(points, extra)
+        index = _rand((b, n), points, generator).float().argsort(dim=1)[:, : self.npoints]
+        return _carry(torch.gather(points, 1, index.unsqueeze(-1).expand(b, self.npoints, 3)), extra, index)
 
 
 class Compose(Transform):
@@ -327,10 +421,14 @@ class Compose(Transform):
                 raise ConfigError(f"Compose: {t!r} is not callable")
         self.transforms = list(transforms)
 
-    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, points: torch.Tensor, generator: torch.Generator | None = None, extra=None):
+        if extra is None:
+            for t in self.transforms:
+                points = t(points, generator)
+            return points
         for t in self.transforms:
-            points = t(points, generator)
-        return points
+            points, extra = t(points, generator, extra=extra)
+        return points, extra
 
     def __len__(self) -> int:
         return len(self.transforms)

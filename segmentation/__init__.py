@@ -1,6 +1,5 @@
-"""Part segmentation on ShapeNetPart (not built yet).
+"""Part segmentation: the entry point ``segmentation/main.py`` (docs/SEGMENTATION.md).
 
-The ShapeNetPart loader (``datasets/shapenetpart.py``, 16 categories / 50 parts, deterministic test
-sampling) and the per-point part labels of the default ``SyntheticShapes`` data are in place; the
-segmentation head and its entry point will reuse ``models/`` and ``tools/engine.py`` when built.
+The models live in ``models/`` (``models/point_mae_seg.py``), the runner, evaluator and voting in
+``tools/segment.py``, the metrics in ``tools/seg_metrics.py``; training goes through ``tools/engine.py``.
 """

@@ -91,7 +91,9 @@ class Trainer:
         train_set: map-style data set of dict items.
         run_dir: experiment folder (checkpoints, config, logs, metrics.jsonl, tensorboard/).
         evaluators: periodic evaluations; the metric named ``cfg.eval.best_metric`` selects ckpt-best.
-        transform: batch augmentation ``t(points (B,N,3), generator) -> (B,N,3)`` applied on device.
+        transform: batch augmentation ``t(points (B,N,3), generator) -> (B,N',3)`` applied on device; a
+            transform with a ``per_point_keys`` attribute is called with ``extra={key: batch[key]}`` for
+            those keys and returns ``(points, extra)``, which replaces them (part labels stay aligned).
         resume: continue from ``run_dir/ckpt-last.pth``.
         stop_after_epoch: leave the loop after this epoch (checkpoint written), as a preempted job
             would; the planned schedule (``max_epoch``, curriculum, cosine) is unchanged.
@@ -255,7 +257,13 @@ class Trainer:
             set_lr(opt, lr)
             batch = to_device(batch, self.device)
             if self.transform is not None:
-                batch["points"] = self.transform(batch["points"], gen)
+                carried = [k for k in getattr(self.transform, "per_point_keys", ()) if k in batch]
+                if carried:  # per-point labels move with the points (datasets/transforms.py)
+                    batch["points"], moved = self.transform(batch["points"], gen,
+                                                            extra={k: batch[k] for k in carried})
+                    batch.update(moved)
+                else:
+                    batch["points"] = self.transform(batch["points"], gen)
             with autocast_context(self.device, self.precision):
                 out = model(batch, epoch=epoch, generator=gen)
             loss = out["loss"]
