@@ -98,6 +98,13 @@ class MaskedAutoencoder(TrainHooks, nn.Module):
         """``num_heads`` and ``drop_path_rate`` for decoders over the mask-scale tokens (GM3D's GC decoder)."""
         raise NotImplementedError
 
+    #: parameter-name prefixes that the pre-training loss never reads by design (kept for checkpoint
+    #: compatibility, e.g. Point-M2AE's finest-scale encoder norm); they get no gradient
+    PARAMS_WITHOUT_GRAD: ClassVar[tuple[str, ...]] = ()
+
+    def params_without_grad(self) -> tuple[str, ...]:
+        return self.PARAMS_WITHOUT_GRAD
+
     def build_knowledge_teacher(self, teacher_model: dict | None = None) -> "EncoderTeacher":
         """A frozen, weightless copy of this backbone's encoder (its weights come from a checkpoint
         through the adapter, outside the model). ``teacher_model`` overrides the architecture."""

@@ -222,6 +222,10 @@ class GM3D(MaskedAutoencoder):
     def decoder_spec(self):
         return self.student.decoder_spec()
 
+    def params_without_grad(self):
+        # variant B trains no student point head (the released code path): Point-MAE's increase_dim
+        return self.student.params_without_grad() + (("increase_dim.",) if self.gcfg.variant == "B" else ())
+
     def build_knowledge_teacher(self, teacher_model=None):
         return self.student.build_knowledge_teacher(teacher_model)
 

@@ -381,6 +381,8 @@ class PointM2AE(MaskedAutoencoder):
     """
 
     ARCH = "point_m2ae"
+    # the official loss reads the finest-scale tokens only through the decoder skips, never through its norm
+    PARAMS_WITHOUT_GRAD = ("h_encoder.encoder_norms.0.",)
 
     def __init__(self, group_sizes: list[int] | None = None, num_groups: list[int] | None = None,
                  encoder_depths: list[int] | None = None, encoder_dims: list[int] | None = None,
