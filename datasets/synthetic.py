@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -38,6 +37,7 @@ import torch
 from datasets.build import DATASETS
 from datasets.io import PointDataset
 from datasets.transforms import pc_norm
+from utils.io import atomic_write
 from utils.errors import ConfigError, DataError
 
 __all__ = ["CLASSES", "CLASS_PARTS", "SyntheticShapes", "generate_shape"]
@@ -1007,15 +1007,8 @@ class SyntheticShapes(PointDataset):
     def _save_cache(self, cache_dir: str, gen_args: dict, arrays: tuple[np.ndarray, ...]) -> None:
         os.makedirs(cache_dir, exist_ok=True)
         path = self._cache_path(cache_dir, gen_args)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, points=arrays[0], seg=arrays[1].astype(np.int16), labels=arrays[2])
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: np.savez(f, points=arrays[0], seg=arrays[1].astype(np.int16),
+                                              labels=arrays[2]))
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -11,9 +11,7 @@ when saved from a DataParallel wrapper; :func:`extract_state_dict` normalises al
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,25 +20,14 @@ import numpy as np
 import torch
 
 from utils.errors import CheckpointError
+from utils.io import atomic_write
 
 FORMAT = "geomask3d-1"
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save to a temp file in the same folder, fsync, then rename over ``path`` (utils.io.atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_file(path: str | Path) -> dict:

@@ -49,7 +49,6 @@ import copy
 import difflib
 import os
 import re
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ from typing import Any
 import yaml
 
 from utils.errors import ConfigError
+from utils.io import atomic_write
 
 __all__ = [
     "COMMAND_LINE",
@@ -683,15 +683,5 @@ def save_config(cfg: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     if origin:
         lines.append("# Sources, in load order:")
         lines.extend(f"#   {source.replace(chr(10), ' ')}" for source in origin)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n" + body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(target, lambda fh: fh.write("\n".join(lines) + "\n" + body), binary=False)
     return target
