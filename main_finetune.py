@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exp_name", default="default", help="run folder name under experiments/<config stem>/")
     p.add_argument("--run_dir", default=None, help="explicit run folder (overrides --exp_name)")
     p.add_argument("--resume", action="store_true", help="continue a fine-tuning run from <run>/ckpt-last.pth")
+    p.add_argument("--accept-config-change", action="store_true",
+                   help="with --resume (or a few-shot rerun): continue although the config differs from the run's config.yaml "
+                        "(the difference is recorded in <run>/config-changes.jsonl)")
     p.add_argument("opts", nargs="*", help="config overrides, e.g. max_epoch=10 optimizer.kwargs.lr=5e-4")
     args = p.parse_args(argv)
     if args.fewshot and (args.test or args.vote or args.resume):
@@ -60,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
             from tools.fewshot import run_fewshot
 
             run_fewshot(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, ckpt=args.finetune,
-                        scratch=args.scratch, way=args.way, shot=args.shot, fold=args.fold)
+                        scratch=args.scratch, way=args.way, shot=args.shot, fold=args.fold,
+                        accept_config_change=args.accept_config_change)
         else:
             from tools.finetune import run_finetune
 
             run_finetune(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, ckpt=args.finetune,
-                         scratch=args.scratch, test=args.test, vote=args.vote, resume=args.resume)
+                         scratch=args.scratch, test=args.test, vote=args.vote, resume=args.resume,
+                         accept_config_change=args.accept_config_change)
     except Exception as e:  # a clear one-line message for the user errors we raise on purpose
         if isinstance(e, USER_ERRORS):
             logging.getLogger("main_finetune").error("%s: %s", type(e).__name__, e)
