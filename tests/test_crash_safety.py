@@ -23,8 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import tools.builders  # noqa: F401  (imported once here so that every forked run starts fast)
-import tools.eval_svm  # noqa: F401
 import tools.runs  # noqa: F401
 from tests.conftest import tiny_pretrain_cfg
 
@@ -119,8 +117,20 @@ def _outcome(run: Path):
     return _stable(rows), summary, last
 
 
+def _warm_imports() -> None:
+    """Import once in the test process what a run imports lazily, so that every forked run starts fast."""
+    import sklearn.model_selection  # noqa: F401
+    import sklearn.preprocessing  # noqa: F401
+    import sklearn.svm  # noqa: F401
+
+    import tools.builders  # noqa: F401
+    import tools.eval_svm  # noqa: F401
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # its first construction imports torch._dynamo
+
+
 def test_kills_at_random_points_then_resume_match_an_uninterrupted_run(tmp_path):
-    cfg = tiny_pretrain_cfg(max_epoch=2, eval={"svm_every": 1, "at_start": True},
+    _warm_imports()
+    cfg = tiny_pretrain_cfg(max_epoch=2, eval={"svm_every": 1, "at_start": True, "svm_C_grid": [0.1]},
                             log={"progress_bar": False, "tensorboard": False})
     cfg_path = tmp_path / "tiny.yaml"
     import yaml
