@@ -3,7 +3,9 @@
 ``Trainer(cfg, model, train_set, run_dir, evaluators=...).fit()`` handles devices, precision, DDP
 (``torchrun``: gloo on CPU, NCCL on GPU), gradient accumulation and clipping, the per-iteration
 warm-up + cosine schedule, progress bars, TensorBoard, one JSON line of metrics per epoch, atomic
-checkpoints and exact resume.
+checkpoints and exact resume. ``ckpt-last.pth`` is the epoch commit and carries the metric history;
+ckpt-best.pth, metrics.jsonl and summary.json follow it and are repaired from it on resume
+(docs/RELIABILITY.md).
 
 A model plugs in by returning a dict with a differentiable ``loss`` (plus detached terms to log) from
 ``model(batch, epoch=..., generator=...)``. Optional hooks on the model: ``on_epoch_start(epoch,
