@@ -133,7 +133,8 @@ def test_a_kill_inside_the_best_write_is_repaired_on_resume(tmp_path, state_of_b
     train(run, max_epoch=3, stop_after_epoch=0)
     older = (run / "ckpt-best.pth").read_bytes()
     train(run, max_epoch=3, resume=True, stop_after_epoch=1)
-    assert torch.load(run / "ckpt-best.pth", weights_only=True)["epoch"] == 1
+    epoch1 = torch.load(run / "ckpt-best.pth", weights_only=True)
+    assert epoch1["epoch"] == 1
     if state_of_best == "missing":
         (run / "ckpt-best.pth").unlink()
     else:
@@ -142,8 +143,7 @@ def test_a_kill_inside_the_best_write_is_repaired_on_resume(tmp_path, state_of_b
     summary = json.loads((run / "summary.json").read_text())
     best = torch.load(run / "ckpt-best.pth", weights_only=True)
     assert summary["best_epoch"] == best["epoch"] == 1
-    assert torch.equal(best["base_model"]["w"], torch.load(run / "ckpt-prev.pth", weights_only=True)["base_model"]["w"]) \
-        if (run / "ckpt-prev.pth").exists() else True
+    assert torch.equal(best["base_model"]["w"], epoch1["base_model"]["w"])
 
 
 # ------------------------------------------------------------------------------------ non-finite loss
@@ -192,9 +192,10 @@ def test_non_finite_loss_from_bad_data_blames_the_data(tmp_path, bad):
     items = data()
     items[1]["points"][3, 0] = bad
     t = Trainer(cfg_of("max_epoch=1", "total_bs=4"), Lin(), items, tmp_path / "run")
-    with pytest.raises(NonFiniteLossError) as e:
+    if bad == 1e7:  # large enough for the float32 loss to overflow on the huge coordinate
         with torch.no_grad():
-            t.model.w.fill_(1e30) if bad == 1e7 else None
+            t.model.w.fill_(1e30)
+    with pytest.raises(NonFiniteLossError) as e:
         t.fit()
     msg = str(e.value)
     assert "The input batch is the cause" in msg and "lower optimizer.kwargs.lr" not in msg

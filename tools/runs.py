@@ -52,7 +52,7 @@ def prepare_run(config: str, opts: list[str], *, exp_name: str = "default", run_
             raise ConfigError(f"{out} already holds a run (ckpt-last.pth); pass --resume to continue it or "
                               f"choose another --exp_name / --run_dir")
         remove_stale_temps(out)
-        if not resume:
+        if not resume and kind != "test":  # a --test folder never holds a checkpoint
             left = sorted(p.name for p in out.iterdir() if p.name in ("config.yaml", "metrics.jsonl")
                           or p.suffix == ".log")
             if left:
