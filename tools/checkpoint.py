@@ -3,7 +3,8 @@
 File layout (a superset of the official Point-MAE runner's)::
 
     {"base_model": state_dict, "optimizer": ..., "epoch": int, "metrics": {...}, "best_metrics": {...},
-     "scaler": ..., "model_name": str, "config": {...}, "rng": {...}, "format": "geomask3d-1"}
+     "scaler": ..., "model_name": str, "config": {...}, "rng": {...}, "format": "geomask3d-1",
+     "history": [metric record per epoch, as in metrics.jsonl]}
 
 Official files keep their keys under ``base_model`` (sometimes ``model``) with a ``module.`` prefix
 when saved from a DataParallel wrapper; :func:`extract_state_dict` normalises all of them.
