@@ -210,6 +210,8 @@ def test_non_finite_loss_from_bad_data_blames_the_data(tmp_path, bad):
      "model.transformer_config.mask_ratio = 1.0 (set in command line) is out of range; allowed: in (0, 1)"),
     ("model.transformer_config.mask_ratio=0",
      "model.transformer_config.mask_ratio = 0 (set in command line) is out of range; allowed: in (0, 1)"),
+    ("model.gm3d={teacher_model: {mask_ratio: 1.5}}",
+     "model.gm3d.teacher_model.mask_ratio = 1.5 (set in command line) is out of range; allowed: in (0, 1)"),
     ("total_bs=0", "total_bs = 0 (set in command line) is out of range; allowed: >= 1"),
     ("step_per_update=0", "step_per_update = 0 (set in command line) is out of range; allowed: >= 1"),
     ("precision=fp64", "precision = 'fp64' (set in command line) is out of range; allowed: one of fp32, bf16, fp16"),
