@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exp_name", default="default", help="run folder name under experiments/<config stem>/")
     p.add_argument("--run_dir", default=None, help="explicit run folder (overrides --exp_name)")
     p.add_argument("--resume", action="store_true", help="continue a fine-tuning run from <run>/ckpt-last.pth")
+    p.add_argument("--accept-config-change", action="store_true",
+                   help="with --resume (or a few-shot rerun): continue although the config differs from the run's config.yaml "
+                        "(the difference is recorded in <run>/config-changes.jsonl)")
     add_data_args(p)
     p.add_argument("opts", nargs="*", help=OVERRIDES_HELP)
     args = parse_with_overrides(p, argv)
@@ -69,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
             from tools.fewshot import run_fewshot
 
             run_fewshot(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, ckpt=args.finetune,
-                        scratch=args.scratch, way=args.way, shot=args.shot, fold=args.fold)
+                        scratch=args.scratch, way=args.way, shot=args.shot, fold=args.fold,
+                        accept_config_change=args.accept_config_change)
         else:
             from tools.finetune import run_finetune
 
             run_finetune(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, ckpt=args.finetune,
-                         scratch=args.scratch, test=args.test, vote=args.vote, resume=args.resume)
+                         scratch=args.scratch, test=args.test, vote=args.vote, resume=args.resume,
+                         accept_config_change=args.accept_config_change)
     except Exception as e:  # a clear one-line message for the user errors we raise on purpose
         if isinstance(e, USER_ERRORS):
             logging.getLogger("main_finetune").error("%s: %s", type(e).__name__, e)

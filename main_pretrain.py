@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exp_name", default="default", help="run folder name under experiments/<config stem>/")
     p.add_argument("--run_dir", default=None, help="explicit run folder (overrides --exp_name)")
     p.add_argument("--resume", action="store_true", help="continue from <run>/ckpt-last.pth")
+    p.add_argument("--accept-config-change", action="store_true",
+                   help="with --resume: continue although the config differs from the run's config.yaml "
+                        "(the difference is recorded in <run>/config-changes.jsonl)")
     p.add_argument("--stop_after_epoch", type=int, default=None,
                    help="leave after this epoch (checkpoint written), e.g. for a time-limited job; --resume continues")
     p.add_argument("--start_ckpts", default=None, metavar="CKPT",
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.data:
             args.opts = data_overrides(args.data, "pretrain", args.config, args.opts, args.data_points)
         run_pretrain(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, resume=args.resume,
-                     stop_after_epoch=args.stop_after_epoch, start_ckpts=args.start_ckpts)
+                     stop_after_epoch=args.stop_after_epoch, start_ckpts=args.start_ckpts,
+                     accept_config_change=args.accept_config_change)
     except Exception as e:  # a clear one-line message for the user errors we raise on purpose
         from tools.runs import USER_ERRORS
         if isinstance(e, USER_ERRORS):

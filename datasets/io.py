@@ -19,7 +19,6 @@ import io
 import logging
 import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ from torch.utils.data import Dataset
 
 from datasets.transforms import pc_norm
 from utils.errors import DataError
-from utils.misc import umask_mode
+from utils.io import atomic_write
 
 __all__ = [
     "LAYOUTS",
@@ -304,18 +303,7 @@ def safe_pickle_load(path: str) -> Any:
 
 def atomic_pickle_dump(obj: Any, path: str) -> None:
     """Pickle ``obj`` to ``path`` through a temporary file in the same folder, then rename it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f, protocol=4)
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: pickle.dump(obj, f, protocol=4))
 
 
 # --------------------------------------------------------------------------------- the .dat cache

@@ -77,7 +77,7 @@ def test_resume_with_another_model_fails_clearly(tiny_config, tmp_path):
     cfg = tiny_config(eval={"svm_every": 0}, max_epoch=1)
     assert run_cli(["main_pretrain.py", "--config", str(cfg), "--run_dir", str(run)]).returncode == 0
     r = run_cli(["main_pretrain.py", "--config", str(cfg), "--run_dir", str(run), "--resume",
-                 "max_epoch=2", "model.transformer_config.depth=2"])
+                 "--accept-config-change", "max_epoch=2", "model.transformer_config.depth=2"])
     assert r.returncode == 2
     assert "missing keys: MAE_encoder.blocks.blocks.1." in r.stdout + r.stderr
 

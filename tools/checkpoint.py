@@ -3,7 +3,8 @@
 File layout (a superset of the official Point-MAE runner's)::
 
     {"base_model": state_dict, "optimizer": ..., "epoch": int, "metrics": {...}, "best_metrics": {...},
-     "scaler": ..., "model_name": str, "config": {...}, "rng": {...}, "format": "geomask3d-1"}
+     "scaler": ..., "model_name": str, "config": {...}, "rng": {...}, "format": "geomask3d-1",
+     "history": [metric record per epoch, as in metrics.jsonl]}
 
 Official files keep their keys under ``base_model`` (sometimes ``model``) with a ``module.`` prefix
 when saved from a DataParallel wrapper; :func:`extract_state_dict` normalises all of them.
@@ -11,10 +12,8 @@ when saved from a DataParallel wrapper; :func:`extract_state_dict` normalises al
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +21,15 @@ import numpy as np
 import torch
 
 from utils.errors import CheckpointError
-from utils.misc import umask_mode
+from utils.io import atomic_write
 from utils.state_dict import check_keys, extract_state_dict, load_state_dict_checked  # noqa: F401 (re-exported)
 
 FORMAT = "geomask3d-1"
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save to a temp file in the same folder, fsync, then rename over ``path`` (utils.io.atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_file(path: str | Path) -> dict:

@@ -3,7 +3,9 @@
 ``Trainer(cfg, model, train_set, run_dir, evaluators=...).fit()`` handles devices, precision, DDP
 (``torchrun``: gloo on CPU, NCCL on GPU), gradient accumulation and clipping, the per-iteration
 warm-up + cosine schedule, progress bars, TensorBoard, one JSON line of metrics per epoch, atomic
-checkpoints and exact resume.
+checkpoints and exact resume. ``ckpt-last.pth`` is the epoch commit and carries the metric history;
+ckpt-best.pth, metrics.jsonl and summary.json follow it and are repaired from it on resume
+(docs/RELIABILITY.md).
 
 A model plugs in by returning a dict with a differentiable ``loss`` (plus detached terms to log) from
 ``model(batch, epoch=..., generator=...)``. The engine calls the explicit hooks of
@@ -19,9 +21,11 @@ resumed from the end of epoch ``e - 1`` repeats the uninterrupted run's epoch ``
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -36,11 +40,18 @@ from models.base import TrainHooks
 from tools import checkpoint as ckpt_io
 from tools.optim import build_optimizer, lr_at, set_lr
 from utils import dist
+from utils.errors import CheckpointError, ConfigError
+from utils.io import atomic_write, remove_stale_temps
 from utils.misc import derive_seed, seed_everything, to_device, unwrap
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "Evaluator", "NonFiniteLossError", "autocast_context"]
+__all__ = ["Trainer", "Evaluator", "NonFiniteLossError", "autocast_context", "data_problem"]
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+PREVIOUS = "ckpt-prev.pth"
+HUGE_COORDINATE = 1e6
 
 
 def hooks_of(model: nn.Module) -> TrainHooks:
@@ -67,6 +78,83 @@ def autocast_context(device: torch.device, precision: str):
         return torch.autocast(device.type, enabled=False)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device.type, dtype=dtype)
+
+
+def data_problem(points: torch.Tensor) -> str | None:
+    """Why a batch of raw input points cannot train a model (non-finite or |x| > 1e6), or None."""
+    pts = points.detach().float()
+    if not torch.isfinite(pts).all():
+        n = int((~torch.isfinite(pts)).sum())
+        return f"{n} non-finite coordinate values (NaN/inf) in the batch"
+    peak = float(pts.abs().max()) if pts.numel() else 0.0
+    if peak > HUGE_COORDINATE:
+        return f"coordinates up to {peak:.3g} in the batch (|x| > {HUGE_COORDINATE:.0e})"
+    return None
+
+
+def _metrics_text(history: Sequence[Mapping[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in history)
+
+
+def _read_metrics(path: Path, ckpt: Path) -> list[dict[str, Any]]:
+    """The records of an old run's metrics.jsonl (for checkpoints without a history); a damaged file is an error."""
+    if not path.exists():
+        return []
+    records = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(
+                f"{path}, line {n}, is not valid JSON ({e.msg}) and {ckpt} carries no metric history to repair "
+                f"it from; fix or remove that line, then resume") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("epoch"), int):
+            raise CheckpointError(f"{path}, line {n}, is not a metrics record with an integer 'epoch'; fix or "
+                                  f"remove it, then resume")
+        records.append(rec)
+    return records
+
+
+def _metrics_mismatch(text: str | None, history: Sequence[Mapping[str, Any]]) -> str:
+    """A short description of how a metrics.jsonl differs from the checkpoint's history."""
+    if text is None:
+        return "is missing"
+    if not text.strip():
+        return "is empty" if history else "holds only blank lines"
+    lines = [x for x in text.splitlines() if x.strip()]
+    for n, line in enumerate(lines, 1):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            return f"has a damaged line {n} (not valid JSON: truncated or garbage)"
+    epochs = [json.loads(x).get("epoch") if isinstance(json.loads(x), dict) else None for x in lines]
+    want = [r.get("epoch") for r in history]
+    if epochs != want:
+        return f"lists epochs {epochs} but the checkpoint's history has {want}"
+    return "differs from the checkpoint's history"
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    """The ``epoch`` stored in a checkpoint file, or None when it is missing or unreadable."""
+    try:
+        return int(ckpt_io.load_file(path).get("epoch"))
+    except (CheckpointError, TypeError, ValueError):
+        return None
+
+
+def _replace_with_link(src: Path, dst: Path) -> None:
+    """Make ``dst`` another name of ``src``'s current content (a hard link, else a copy), atomically."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        data = src.read_bytes()
+        atomic_write(dst, lambda f: f.write(data))
+        return
+    os.replace(tmp, dst)
 
 
 def _collate_points(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -103,7 +191,7 @@ class Trainer:
     def __init__(self, cfg: Mapping[str, Any], model: nn.Module, train_set: Dataset, run_dir: str | Path, *,
                  evaluators: Sequence[Evaluator] = (), transform: Callable | None = None,
                  resume: bool = False, device: torch.device | None = None, stop_after_epoch: int | None = None,
-                 optimizer_builder: Callable[[nn.Module], torch.optim.Optimizer] | None = None):
+                 write_summary: bool = True):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.device = device or torch.device("cpu")
@@ -120,7 +208,7 @@ class Trainer:
         self.best_key = cfg["eval"]["best_metric"]
         self.model = model.to(self.device)
         self.base_lr = float(cfg["optimizer"]["kwargs"]["lr"])
-        self.optimizer = (optimizer_builder or (lambda m: build_optimizer(m, cfg["optimizer"])))(self.model)
+        self.optimizer = build_optimizer(self.model, cfg["optimizer"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -129,11 +217,13 @@ class Trainer:
         else:
             self.ddp_model = self.model
         per_rank_bs = int(cfg["total_bs"]) // self.world
+        where = cfg.where("total_bs") if hasattr(cfg, "where") else "total_bs"
         if per_rank_bs < 1:
-            raise ValueError(f"total_bs {cfg['total_bs']} is smaller than the world size {self.world}")
+            raise ConfigError(f"{where} = {cfg['total_bs']} is smaller than the world size {self.world}; "
+                              f"allowed: {self.world} <= total_bs <= {len(train_set)} (the training set size)")
         if len(train_set) < per_rank_bs * self.world:
-            raise ValueError(f"the training set has {len(train_set)} items, fewer than one batch "
-                             f"(total_bs={cfg['total_bs']})")
+            raise ConfigError(f"{where} = {cfg['total_bs']} is larger than the training set ({len(train_set)} "
+                              f"items); allowed: 1 <= total_bs <= {len(train_set)}")
         self.train_set = train_set
         if self.world > 1:
             self.sampler = DistributedSampler(train_set, shuffle=True, seed=self.seed, drop_last=True)
@@ -149,6 +239,9 @@ class Trainer:
         self.best: dict[str, Any] = {"value": None, "epoch": None}
         self.history: list[dict[str, Any]] = []
         self.writer = None
+        self.write_summary = write_summary
+        if self.is_main:
+            remove_stale_temps(self.run_dir)
         if resume:
             self._resume()
 
@@ -167,6 +260,7 @@ class Trainer:
             if self.best_key else {},
             "config": self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(self.cfg),
             "rng": ckpt_io.rng_state(),
+            "history": [dict(r) for r in self.history],
         }
 
     def _resume(self) -> None:
@@ -184,30 +278,82 @@ class Trainer:
         best = state.get("best_metrics") or {}
         self.best = {"value": best.get(self.best_key), "epoch": best.get("epoch")}
         ckpt_io.set_rng_state(state["rng"])
-        metrics_file = self.run_dir / "metrics.jsonl"
-        if metrics_file.exists():
-            lines = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
-            self.history = [x for x in lines if x.get("epoch", -1) < self.start_epoch]
+        history = state.get("history")
+        if history is None:  # a checkpoint written before the history was kept in it
+            history = [r for r in _read_metrics(self.run_dir / METRICS, path) if r.get("epoch", -1) < self.start_epoch]
+        self.history = [dict(r) for r in history]
+        if self.is_main:
+            self._reconcile(state, path)
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
-    def _save(self, epoch: int, metrics: Mapping[str, Any], improved: bool) -> None:
-        if not self.is_main:
-            return
-        state = self.state(epoch, metrics)
-        ckpt_io.atomic_save(state, self.run_dir / "ckpt-last.pth")
-        if improved:
-            ckpt_io.atomic_save(state, self.run_dir / "ckpt-best.pth")
-        every = int(self.cfg["save_every"])
-        if every and (epoch + 1) % every == 0:
-            ckpt_io.atomic_save(state, self.run_dir / f"ckpt-epoch-{epoch:03d}.pth")
+    def _reconcile(self, state: Mapping[str, Any], path: Path) -> None:
+        """Bring the derived files (ckpt-best.pth, metrics.jsonl, summary.json) in line with ``ckpt-last.pth``,
+        the commit record of the last finished epoch (docs/RELIABILITY.md)."""
+        epoch = int(state["epoch"])
+        best_path = self.run_dir / "ckpt-best.pth"
+        if self.best_key and self.best["epoch"] is not None:
+            best_epoch = _checkpoint_epoch(best_path)
+            if best_epoch != self.best["epoch"]:
+                if self.best["epoch"] == epoch:  # killed between the commit and the best copy
+                    log.warning("%s holds epoch %s but %s names epoch %d as the best; rewriting it from %s",
+                                best_path, best_epoch, path, epoch, path)
+                    ckpt_io.atomic_save(dict(state), best_path)
+                else:
+                    log.warning("%s holds epoch %s, not the best epoch %s named by %s; that checkpoint is lost, "
+                                "the best metric is kept", best_path, best_epoch, self.best["epoch"], path)
+        metrics_file = self.run_dir / METRICS
+        want = _metrics_text(self.history)
+        have = metrics_file.read_text(errors="replace") if metrics_file.exists() else None
+        if have != want:
+            reason = _metrics_mismatch(have, self.history)
+            log.warning("%s %s; rewriting it from %s (%d records up to epoch %d)", metrics_file, reason, path,
+                        len(self.history), epoch)
+        self._write_views()
 
-    # ------------------------------------------------------------------ logging
-    def _log_epoch(self, record: dict[str, Any]) -> None:
+    def _write_views(self) -> None:
+        """metrics.jsonl and summary.json from ``self.history`` (each an atomic rewrite)."""
+        atomic_write(self.run_dir / METRICS, lambda f: f.write(_metrics_text(self.history)), binary=False)
+        if self.write_summary:
+            text = json.dumps(self.summary(), indent=2, default=str)
+            atomic_write(self.run_dir / SUMMARY, lambda f: f.write(text), binary=False)
+
+    def _commit_epoch(self, epoch: int, metrics: Mapping[str, Any], record: dict[str, Any], improved: bool) -> None:
+        """Write epoch ``epoch`` in the run folder. ``ckpt-last.pth`` (which carries the metric history) is the
+        commit point; ckpt-best.pth, metrics.jsonl and summary.json follow it and are repaired from it on
+        resume, so after any kill and ``--resume`` all of them describe the same epoch."""
         self.history.append(record)
         if not self.is_main:
             return
-        with open(self.run_dir / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.history)
+        state = self.state(epoch, metrics)
+        bad = next((k for k, v in state["base_model"].items()
+                    if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            self.history.pop()
+            raise NonFiniteLossError(
+                f"the weights became non-finite during epoch {epoch} (first: {bad}); the checkpoint of this epoch "
+                f"was not written. {self._last_good_message(None, epoch)}")
+        every = int(self.cfg["save_every"])
+        if every and (epoch + 1) % every == 0:
+            ckpt_io.atomic_save(state, self.run_dir / f"ckpt-epoch-{epoch:03d}.pth")
+        last = self.run_dir / "ckpt-last.pth"
+        if last.exists():  # keep the previous epoch: the fall-back when this one turns out to be broken
+            _replace_with_link(last, self.run_dir / PREVIOUS)
+        ckpt_io.atomic_save(state, last)
+        if improved:
+            ckpt_io.atomic_save(state, self.run_dir / "ckpt-best.pth")
+        self._write_views()
+        self._show(record)
+
+    # ------------------------------------------------------------------ logging
+    def _log_epoch(self, record: dict[str, Any]) -> None:
+        """A record without a checkpoint (the epoch -1 evaluation before training)."""
+        self.history.append(record)
+        if not self.is_main:
+            return
+        self._write_views()
+        self._show(record)
+
+    def _show(self, record: Mapping[str, Any]) -> None:
         if self.cfg["log"]["tensorboard"]:
             if self.writer is None:
                 from torch.utils.tensorboard import SummaryWriter
@@ -218,6 +364,67 @@ class Trainer:
             self.writer.flush()
         shown = ", ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         log.info("epoch %s", shown)
+
+    # ------------------------------------------------------------------ non-finite losses
+    def _non_finite(self, epoch: int, it: int, out: Mapping[str, Any], raw_points: torch.Tensor,
+                    batch: Mapping[str, Any]) -> NonFiniteLossError:
+        loss = float(out["loss"].detach())
+        terms = {k: float(v.detach()) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
+        head = f"non-finite loss {loss} at epoch {epoch}, iteration {it} (terms: {terms}); the run stops here. "
+        cause = data_problem(raw_points)
+        if cause is not None:
+            return NonFiniteLossError(
+                head + f"The input batch is the cause: {cause}. Check the training data (dataset.train) rather "
+                       f"than the learning rate. {self._last_good_message(None, epoch)}")
+        return NonFiniteLossError(head + self._last_good_message(batch, epoch) +
+                                  " Try a lower optimizer.kwargs.lr, grad_norm_clip, or precision=fp32.")
+
+    def _last_good_message(self, batch: Mapping[str, Any] | None, epoch: int) -> str:
+        """Name the newest checkpoint of this run whose weights are finite and (given the failing batch) whose
+        loss on that batch is finite."""
+        found = self._last_good_checkpoint(batch, epoch)
+        if found is None:
+            written = sorted(p.name for p in self.run_dir.glob("ckpt-*.pth"))
+            if not written:
+                return "No checkpoint has been written yet (the failure is in the first epoch)."
+            return (f"None of the checkpoints in {self.run_dir} ({', '.join(written)}) has finite weights and a "
+                    f"finite loss on this batch; start again rather than resuming.")
+        path, ck_epoch = found
+        tested = "finite weights and a finite loss on the failing batch" if batch is not None else "finite weights"
+        hint = "" if path.name == "ckpt-last.pth" else f" (copy it to {self.run_dir / 'ckpt-last.pth'} to resume from it)"
+        return f"The last good checkpoint is {path} (epoch {ck_epoch}: {tested}){hint}."
+
+    def _last_good_checkpoint(self, batch: Mapping[str, Any] | None, epoch: int) -> tuple[Path, int] | None:
+        names = ["ckpt-last.pth", PREVIOUS] + sorted((p.name for p in self.run_dir.glob("ckpt-epoch-*.pth")),
+                                                     reverse=True) + ["ckpt-best.pth"]
+        candidates = []
+        for name in names:
+            path = self.run_dir / name
+            try:
+                state = ckpt_io.load_file(path)
+                weights = ckpt_io.extract_state_dict(state, path)
+            except ckpt_io.CheckpointError:
+                continue
+            candidates.append((int(state.get("epoch", -1)), path, weights))
+        for ck_epoch, path, weights in sorted(candidates, key=lambda c: -c[0]):
+            if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+                continue
+            if batch is not None and not self._finite_loss_with(weights, batch, epoch):
+                continue
+            return path, ck_epoch
+        return None
+
+    def _finite_loss_with(self, weights: Mapping[str, torch.Tensor], batch: Mapping[str, Any], epoch: int) -> bool:
+        """Whether the model with ``weights`` gives a finite loss on ``batch`` (a copy; the run's model is untouched)."""
+        try:
+            probe = copy.deepcopy(unwrap(self.model))
+            probe.load_state_dict(dict(weights), strict=False)
+            with torch.no_grad(), autocast_context(self.device, self.precision):
+                out = probe(batch, epoch=epoch, generator=torch.Generator().manual_seed(0))
+            return bool(math.isfinite(float(out["loss"].detach())))
+        except Exception as e:  # a model that cannot be probed: say nothing good about the checkpoint
+            log.warning("could not evaluate a checkpoint on the failing batch: %s: %s", type(e).__name__, e)
+            return False
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -256,6 +463,7 @@ class Trainer:
             lr = lr_at(epoch + it / n_iter, self.base_lr, self.cfg["scheduler"])
             set_lr(opt, lr)
             batch = to_device(batch, self.device)
+            raw_points = batch["points"]
             if self.transform is not None:
                 carried = [k for k in getattr(self.transform, "per_point_keys", ()) if k in batch]
                 if carried:  # per-point labels move with the points (datasets/transforms.py)
@@ -268,11 +476,7 @@ class Trainer:
                 out = model(batch, epoch=epoch, generator=gen)
             loss = out["loss"]
             if not math.isfinite(loss.item()):
-                terms = {k: float(v.detach()) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
-                raise NonFiniteLossError(
-                    f"non-finite loss {loss.item()} at epoch {epoch}, iteration {it} (terms: {terms}); "
-                    f"the run stops here, the last good checkpoint is {self.run_dir / 'ckpt-last.pth'}. "
-                    f"Try a lower optimizer.kwargs.lr, grad_norm_clip, or precision=fp32.")
+                raise self._non_finite(epoch, it, out, raw_points, batch)
             self.scaler.scale(loss / self.accum).backward()
             if (it + 1) % self.accum == 0 or it + 1 == n_iter:
                 if self.clip:
@@ -319,11 +523,12 @@ class Trainer:
             if self.best_key and self.best["value"] is not None:
                 record[f"best/{self.best_key}"] = self.best["value"]
                 record["best/epoch"] = self.best["epoch"]
-            self._save(epoch, metrics, improved)
-            self._log_epoch(record)
+            self._commit_epoch(epoch, metrics, record, improved)
             if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch:
                 log.info("stopping after epoch %d as asked; continue with --resume", epoch)
                 break
+        if self.is_main and self.history and self.history[-1].get("epoch") == self.max_epoch - 1:
+            (self.run_dir / PREVIOUS).unlink(missing_ok=True)  # finished: the fall-back is no longer needed
         if self.writer is not None:
             self.writer.close()
         return self.summary()

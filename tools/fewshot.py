@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from utils.errors import ConfigError
+from utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ def _run_fold(cfg, ckpt, scratch, support, query, fold_dir: Path, device) -> dic
     ev = AccuracyEvaluator(query, npoints, name="test", every=int(fc["eval_every"]), batch_size=int(fc["eval_bs"]),
                            device=device)
     trainer = Trainer(cfg, model, support, fold_dir, evaluators=[ev],
-                      transform=TrainSampling(npoints, fc["point_all"], build_transform(cfg)), device=device)
+                      transform=TrainSampling(npoints, fc["point_all"], build_transform(cfg)), device=device,
+                      write_summary=False)  # the fold's summary.json marks a finished fold
     summary = trainer.fit()
     result = {"last_epoch": summary["last_epoch"], "last_acc": (summary.get("last") or {}).get("test_acc"),
               "best_epoch": summary.get("best_epoch"), "best_acc": summary.get("best_value"),
@@ -148,7 +150,8 @@ def _run_fold(cfg, ckpt, scratch, support, query, fold_dir: Path, device) -> dic
     if not fc["fewshot"]["keep_ckpt"]:
         for f in fold_dir.glob("ckpt-*.pth"):
             f.unlink()
-    (fold_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    atomic_write(fold_dir / "summary.json", lambda f: f.write(text), binary=False)
     return result
 
 
@@ -171,7 +174,7 @@ def fewshot_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 def run_fewshot(config: str, opts: list[str], *, exp_name: str = "default", run_dir: str | None = None,
                 ckpt: str | None = None, scratch: bool = False, way: int | None = None, shot: int | None = None,
-                fold: int | None = None) -> dict[str, Any]:
+                fold: int | None = None, accept_config_change: bool = False) -> dict[str, Any]:
     """Run the few-shot settings of a config (or the one given) over their folds; print mean ± std."""
     from tools.finetune import check_best_metric
     from tools.stats import format_mean, mean_std
@@ -179,7 +182,8 @@ def run_fewshot(config: str, opts: list[str], *, exp_name: str = "default", run_
     from utils import dist
 
     # resume=True: a few-shot run folder continues fold by fold (finished folds are skipped)
-    cfg, device, out = prepare_run(config, opts, exp_name=exp_name, run_dir=run_dir, resume=True, kind="fewshot")
+    cfg, device, out = prepare_run(config, opts, exp_name=exp_name, run_dir=run_dir, resume=True, kind="fewshot",
+                                   accept_config_change=accept_config_change)
     check_best_metric(cfg, ("test_acc",))
     fs = cfg.finetune.fewshot
     folds = int(fs.folds)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from extensions import fps, gather
 from tools.stats import format_accuracy
 from utils.errors import ConfigError, DataError
+from utils.io import atomic_write
 from utils.misc import derive_seed
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ def _vote_report(model, test_set, cfg, device) -> dict[str, float]:
 
 def run_finetune(config: str, opts: list[str], *, exp_name: str = "default", run_dir: str | None = None,
                  ckpt: str | None = None, scratch: bool = False, test: str | None = None,
-                 vote: bool = False, resume: bool = False) -> dict[str, Any]:
+                 vote: bool = False, resume: bool = False, accept_config_change: bool = False) -> dict[str, Any]:
     """Fine-tune (or, with ``test``, only evaluate) a classifier; prints and returns the summary."""
     from tools.pretrained import load_finetuned
     from tools.builders import build_model_from_cfg, build_split, build_transform
@@ -259,7 +260,7 @@ def run_finetune(config: str, opts: list[str], *, exp_name: str = "default", run
     if test and run_dir is None:  # keep a training run's folder (and its config.yaml) untouched
         run_dir = str(Path("experiments") / Path(config).stem / f"{exp_name}_test")
     cfg, device, out = prepare_run(config, opts, exp_name=exp_name, run_dir=run_dir, resume=resume,
-                                   kind="test" if test else "finetune")
+                                   kind="test" if test else "finetune", accept_config_change=accept_config_change)
     fc = cfg.finetune
     npoints = int(cfg.npoints)
     do_vote = bool(vote or fc.vote)
@@ -351,5 +352,6 @@ def _report(summary: dict[str, Any], out: Path, name: str) -> None:
                          f"({summary['last_epoch']}): {summary['vote_last']:.2f} %")
             lines.append(f"test accuracy with voting ({summary['votes']} votes, seeded), best epoch "
                          f"({summary['best_epoch']}): {summary['vote_best']:.2f} %")
-    (out / name).write_text(json.dumps(summary, indent=2, default=str))
+    text = json.dumps(summary, indent=2, default=str)
+    atomic_write(out / name, lambda f: f.write(text), binary=False)
     print("\n".join(lines), flush=True)

@@ -94,4 +94,4 @@ def lr_at(epoch_float: float, base_lr: float, sched: Mapping[str, Any]) -> float
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        g["lr"] = lr

@@ -33,6 +33,12 @@ Rules:
   Keys at or below a free-form prefix (``model``, ``dataset``, ...) are not checked, since their
   constructors check them when they are built; the section itself must still be a mapping when its
   default is one. Every problem found is reported in one :class:`~utils.errors.ConfigError`.
+* Ranges and enums: the defaults file may hold a top-level ``_rules_`` mapping, nested like the config,
+  whose leaves are rules (the mapping is removed from the config). A rule is ``">= 1"``, ``"> 0"``, ``"<= 8"``, ``"< 1"``, an interval
+  ``"in (0, 1)"`` / ``"in [0, 1]"`` (round brackets exclude the end), or ``"one of fp32, bf16, fp16"``;
+  ``" | null"`` at the end also accepts null. A rule applies to a key wherever it is set, free-form
+  sections included (``model.transformer_config.mask_ratio``); an absent key is not checked. A value
+  outside its rule is reported as ``<key> = <value> (set in <file>) is out of range; allowed: <rule>``.
 
 Example::
 
@@ -49,7 +55,6 @@ import copy
 import difflib
 import os
 import re
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +63,7 @@ from typing import Any
 import yaml
 
 from utils.errors import ConfigError
+from utils.io import atomic_write
 
 __all__ = [
     "COMMAND_LINE",
@@ -76,6 +82,7 @@ COMMAND_LINE = "command line"
 
 _BASE = "_base_"
 _REPLACE = "_replace_"
+_RULES = "_rules_"
 _DELETE = "_delete_"
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
@@ -579,9 +586,84 @@ def _check(node: _Node, default: _Node | None, prefix: str, free: tuple[str, ...
             errors.append(_type_error(path, child, ref))
 
 
-def _validate(root: _Node, defaults: _Node, free_form: Sequence[str]) -> None:
+_RANGE = re.compile(r"^(>=|<=|>|<)\s*(\S+)$")
+_INTERVAL = re.compile(r"^in\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
+
+
+def parse_rule(text: str, where: str = "rule") -> tuple[Any, bool]:
+    """Parse one ``_rules_`` entry into ``(check(value) -> bool, null_ok)``; see the module docstring."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{where}: a rule must be a string such as '>= 1', got {_short(text)}")
+    body, null_ok = text.strip(), False
+    if body.endswith("| null"):
+        body, null_ok = body[: -len("| null")].strip(), True
+
+    def number(tok: str) -> float:
+        try:
+            return float(tok)
+        except ValueError:
+            raise ConfigError(f"{where}: '{tok}' in rule {text!r} is not a number") from None
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    m = _RANGE.match(body)
+    if m:
+        op, bound = m.group(1), number(m.group(2))
+        cmp = {">=": lambda v: v >= bound, "<=": lambda v: v <= bound, ">": lambda v: v > bound,
+               "<": lambda v: v < bound}[op]
+        return (lambda v: is_num(v) and cmp(v)), null_ok
+    m = _INTERVAL.match(body)
+    if m:
+        lo, hi = number(m.group(2)), number(m.group(3))
+        lo_ok = (lambda v: v >= lo) if m.group(1) == "[" else (lambda v: v > lo)
+        hi_ok = (lambda v: v <= hi) if m.group(4) == "]" else (lambda v: v < hi)
+        return (lambda v: is_num(v) and lo_ok(v) and hi_ok(v)), null_ok
+    if body.startswith("one of "):
+        choices = [c.strip() for c in body[len("one of "):].split(",") if c.strip()]
+        if not choices:
+            raise ConfigError(f"{where}: rule {text!r} lists no choices")
+        return (lambda v: isinstance(v, str) and v in choices), null_ok
+    raise ConfigError(f"{where}: cannot read rule {text!r}; expected '>= N', '> N', '<= N', '< N', "
+                      f"'in (a, b)' / 'in [a, b]' or 'one of x, y', optionally followed by '| null'")
+
+
+def _find(root: _Node, path: str) -> _Node | None:
+    node: _Node | None = root
+    for part in path.split("."):
+        if node is None or not node.is_map or part not in node.value:
+            return None
+        node = node.value[part]
+    return node
+
+
+def _rule_leaves(rules: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in rules.items():
+        if isinstance(value, Mapping):
+            yield from _rule_leaves(value, _join(prefix, key))
+        else:
+            yield _join(prefix, key), value
+
+
+def _check_rules(root: _Node, rules: Mapping[str, Any], rules_source: str, errors: list[str]) -> None:
+    for key, text in _rule_leaves(rules):
+        check, null_ok = parse_rule(text, f"{rules_source}: {_RULES}.{key}")
+        node = _find(root, key)
+        if node is None:
+            continue
+        value = _plain(node)
+        if value is None and null_ok:
+            continue
+        if value is None or isinstance(value, (dict, list)) or not check(value):
+            allowed = text if not text.strip().endswith("| null") else text.replace("| null", "or null")
+            errors.append(f"{key} = {_short(value)} (set in {node.source}) is out of range; allowed: {allowed.strip()}")
+
+
+def _validate(root: _Node, defaults: _Node, free_form: Sequence[str], rules: _Node | None = None) -> None:
     errors: list[str] = []
     _check(root, defaults, "", tuple(f.strip(".") for f in free_form), list(_paths(defaults)), errors)
+    if rules is not None and not errors:  # ranges only make sense once the types are right
+        _check_rules(root, _plain(rules), rules.source, errors)
     if len(errors) == 1:
         raise ConfigError(errors[0])
     if errors:
@@ -643,15 +725,22 @@ def load_config(
         raise ConfigError(f"overrides must be a list of 'key=value' strings, not the string {overrides!r}")
     record: list[str] = []
     default_node: _Node | None = None
+    rules: _Node | None = None
     if defaults is not None:
         default_node = _load_file(_existing_file(defaults, "defaults file"), (), record)
+        rules = default_node.value.get(_RULES)
+        if rules is not None:
+            if not rules.is_map:
+                raise ConfigError(f"{rules.source}: {_RULES} must be a mapping of dotted key -> rule")
+            default_node = _Node({k: v for k, v in default_node.value.items() if k != _RULES},
+                                 default_node.source, default_node.replace)
     root = _load_file(_existing_file(path, "config file"), (), record)
     if default_node is not None:
         root = _merge(default_node, root)
     for text in overrides:
         root = _apply_override(root, text, record)
     if default_node is not None:
-        _validate(root, default_node, free_form)
+        _validate(root, default_node, free_form, rules)
     return _to_config(root, record)
 
 
@@ -683,15 +772,5 @@ def save_config(cfg: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     if origin:
         lines.append("# Sources, in load order:")
         lines.extend(f"#   {source.replace(chr(10), ' ')}" for source in origin)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n" + body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(target, lambda fh: fh.write("\n".join(lines) + "\n" + body), binary=False)
     return target

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Mapping
 
 import torch
@@ -16,10 +21,46 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1
+    exit_with_parent()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+PR_SET_PDEATHSIG = 1
+_WATCHDOG: threading.Thread | None = None
+
+
+def exit_with_parent(sig: int = signal.SIGTERM, poll_s: float = 1.0) -> str:
+    """Make this process receive ``sig`` when its parent (the torchrun launcher) dies.
+
+    On Linux: ``prctl(PR_SET_PDEATHSIG, sig)`` through ctypes. Elsewhere, or when prctl is not available:
+    a daemon thread that polls ``os.getppid()`` every ``poll_s`` seconds and signals this process once the
+    parent has changed. Returns which mechanism is active (``"prctl"`` or ``"watchdog"``).
+    """
+    global _WATCHDOG
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0:
+                if os.getppid() != parent:  # the parent died before prctl took effect
+                    os.kill(os.getpid(), sig)
+                return "prctl"
+        except (OSError, AttributeError):
+            pass
+    if _WATCHDOG is None or not _WATCHDOG.is_alive():
+        def watch() -> None:
+            while True:
+                time.sleep(poll_s)
+                if os.getppid() != parent:
+                    os.kill(os.getpid(), sig)
+                    return
+
+        _WATCHDOG = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+        _WATCHDOG.start()
+    return "watchdog"
 
 
 def is_distributed() -> bool:

@@ -69,14 +69,3 @@ def git_sha() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def umask_mode(mode: int = 0o666) -> int:
-    """``mode`` with the process umask applied: what ``open(path, "w")`` gives a new file.
-
-    ``tempfile.mkstemp`` always creates 0600 files; the atomic writers (caches, checkpoints) chmod their
-    temporary file to this, so a cache built in a shared folder is as readable as any other file there.
-    """
-    current = os.umask(0)
-    os.umask(current)
-    return mode & ~current

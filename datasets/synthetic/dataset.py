@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from typing import Literal
 
 import numpy as np
@@ -19,6 +18,7 @@ from datasets.io import PointDataset
 from datasets.synthetic.shapes import CLASS_PARTS, CLASSES, GENERATOR_VERSION, SPLIT_CODE, generate_shape
 from datasets.transforms import pc_norm
 from utils.errors import ConfigError, DataError
+from utils.io import atomic_write
 
 __all__ = ["SyntheticShapes"]
 
@@ -175,15 +175,8 @@ class SyntheticShapes(PointDataset):
     def _save_cache(self, cache_dir: str, gen_args: dict, arrays: tuple[np.ndarray, ...]) -> None:
         os.makedirs(cache_dir, exist_ok=True)
         path = self._cache_path(cache_dir, gen_args)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, points=arrays[0], seg=arrays[1].astype(np.int16), labels=arrays[2])
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: np.savez(f, points=arrays[0], seg=arrays[1].astype(np.int16),
+                                              labels=arrays[2]))
 
     def __len__(self) -> int:
         return len(self.labels)
