@@ -8,8 +8,9 @@ Layouts (one sub-folder per class; classes are the sorted folder names):
 Each mesh is sampled with ``raw_points`` area-weighted surface points (trimesh, seeded per file), with the
 face normals, then reduced to ``n_points`` by batched FPS, exactly like the ModelNet raw files. The result
 is written as ``meshfolder_{subset}_{n_points}pts_fps.dat`` (the ModelNet ``.dat`` pickle layout) plus a
-``.json`` side file with the class and shape names and the settings; a side file that no longer matches
-the folder or the settings triggers a rebuild.
+``.json`` side file with the class and shape names, the size and modification time (``st_mtime_ns``) of
+every mesh, and the settings; a side file that no longer matches the folder, a mesh's content or the
+settings, or that is unreadable, triggers a rebuild.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import zlib
 from typing import Literal
 
@@ -30,6 +32,7 @@ from datasets.io import (
     chunks,
     fps_subsample,
     item_rng,
+    check_points,
     load_cloud_cache,
     register_layout,
     require_root,
@@ -118,14 +121,20 @@ def sample_mesh(path: str, count: int, seed: int, key: str) -> np.ndarray:
         raise DataError(
             f"'{path}' is truncated or corrupt: trimesh cannot read it as a mesh ({exc})"
         ) from exc
-    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0 or not mesh.area > 0:
+    # Check the vertices before the areas: huge or NaN coordinates make the area test meaningless.
+    if isinstance(mesh, trimesh.Trimesh):
+        check_points(mesh.vertices, f"'{path}' vertices", ("vertex", "column"))
+    try:
+        usable = isinstance(mesh, trimesh.Trimesh) and len(mesh.faces) > 0 and mesh.area > 0
+        if usable:
+            rng = item_rng(seed, zlib.crc32(key.encode()))
+            points, faces = trimesh.sample.sample_surface(mesh, count, seed=rng)
+            cloud = np.concatenate([points, mesh.face_normals[faces]], axis=1)
+    except (ValueError, IndexError, TypeError, FloatingPointError) as exc:  # faces naming absent vertices
+        raise DataError(f"'{path}': malformed mesh, cannot sample its surface ({type(exc).__name__}: {exc})") from exc
+    if not usable:
         raise DataError(f"'{path}': mesh has no faces of positive area; cannot sample its surface")
-    rng = item_rng(seed, zlib.crc32(key.encode()))
-    points, faces = trimesh.sample.sample_surface(mesh, count, seed=rng)
-    cloud = np.concatenate([points, mesh.face_normals[faces]], axis=1).astype(np.float32)
-    if not np.isfinite(cloud).all():
-        raise DataError(f"'{path}': mesh vertices hold NaN or inf values")
-    return cloud
+    return check_points(cloud, f"'{path}' surface samples")
 
 
 def mesh_cache_paths(cache_dir: str, subset: str, n_points: int) -> tuple[str, str]:
@@ -173,9 +182,19 @@ def build_mesh_cache(
         clouds.extend(fps_subsample(raw, n_points, batch_size=batch_size, device=device))
         log.info("mesh cache %s: %d / %d meshes", subset, len(clouds), len(entries))
     dat, meta = mesh_cache_paths(cache_dir or root, subset, n_points)
+    content = _meta(classes, entries, n_points, raw_points, test_fraction, seed, root)
+    if os.path.exists(meta):  # no side file may vouch for a half-written cache
+        os.remove(meta)
     write_cloud_cache(dat, clouds, [label for _, label in entries])
-    with open(meta, "w", encoding="utf-8") as f:
-        json.dump(_meta(classes, entries, n_points, raw_points, test_fraction, seed), f, indent=1)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(meta)), prefix=".tmp_", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=1)
+        os.replace(tmp, meta)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return dat
 
 
@@ -186,11 +205,17 @@ def _meta(
     raw_points: int,
     test_fraction: float,
     seed: int,
+    root: str,
 ) -> dict:
-    """The side-file content that identifies a cache."""
+    """The side-file content that identifies a cache: names, ``[size, st_mtime_ns]`` of each mesh, settings.
+
+    Keyed on each mesh's size and modification time, so an edited mesh (same name) triggers a rebuild.
+    """
+    stats = [os.stat(os.path.join(root, rel)) for rel, _ in entries]
     return {
         "classes": classes,
         "names": [rel for rel, _ in entries],
+        "files": [[st.st_size, st.st_mtime_ns] for st in stats],
         "n_points": n_points,
         "raw_points": raw_points,
         "test_fraction": test_fraction,
@@ -232,11 +257,14 @@ class MeshFolder(InMemoryClouds):
         classes, subsets = scan_mesh_folder(root, test_fraction, seed)
         entries = subsets[subset]
         dat, meta_path = mesh_cache_paths(cache_dir or root, subset, n_points)
-        expected = _meta(classes, entries, n_points, raw_points, test_fraction, seed)
+        expected = _meta(classes, entries, n_points, raw_points, test_fraction, seed, root)
         current = None
         if os.path.isfile(dat) and os.path.isfile(meta_path):
-            with open(meta_path, encoding="utf-8") as f:
-                current = json.load(f)
+            try:
+                with open(meta_path, encoding="utf-8") as f:
+                    current = json.load(f)
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError included
+                log.warning("%s is unreadable (%s): rebuilding its cache", meta_path, exc)
         if current != expected:
             log.warning("%s missing or stale: sampling %d meshes", dat, len(entries))
             build_mesh_cache(root, subset, n_points, raw_points, test_fraction, seed, cache_dir)

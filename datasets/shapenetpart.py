@@ -105,7 +105,7 @@ def read_split(root: str, split: str) -> list[tuple[str, str]]:
     try:
         with open(path, encoding="utf-8") as f:
             entries = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, deep nesting
         raise DataError(f"'{path}' is truncated or corrupt: not valid JSON ({exc})") from exc
     out = []
     for entry in entries if isinstance(entries, list) else [entries]:
