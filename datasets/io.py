@@ -212,7 +212,16 @@ def read_h5(path: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
     except DataError:
         raise
     # A damaged file surfaces from the HDF5 library as any of these, depending on which structure broke.
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, IndexError, MemoryError, OverflowError) as exc:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        RuntimeError,
+        TypeError,
+        IndexError,
+        MemoryError,
+        OverflowError,
+    ) as exc:
         raise DataError(
             f"'{path}' is truncated or corrupt: cannot read it as HDF5 ({type(exc).__name__}: {exc})"
         ) from exc

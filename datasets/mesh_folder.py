@@ -131,7 +131,9 @@ def sample_mesh(path: str, count: int, seed: int, key: str) -> np.ndarray:
             points, faces = trimesh.sample.sample_surface(mesh, count, seed=rng)
             cloud = np.concatenate([points, mesh.face_normals[faces]], axis=1)
     except (ValueError, IndexError, TypeError, FloatingPointError) as exc:  # faces naming absent vertices
-        raise DataError(f"'{path}': malformed mesh, cannot sample its surface ({type(exc).__name__}: {exc})") from exc
+        raise DataError(
+            f"'{path}': malformed mesh, cannot sample its surface ({type(exc).__name__}: {exc})"
+        ) from exc
     if not usable:
         raise DataError(f"'{path}': mesh has no faces of positive area; cannot sample its surface")
     return check_points(cloud, f"'{path}' surface samples")

@@ -130,8 +130,10 @@ class ScanObjectNN(InMemoryClouds):
             raise DataError(f"'{path}': 'data' has shape {points.shape}; expected (N, P, 3)")
         if len(points) != labels.size:
             raise DataError(f"'{path}': {len(points)} clouds but {labels.size} labels")
-        if n_points is not None and points.shape[1] < n_points:
-            raise DataError(f"'{path}': too few points: {points.shape[1]} per cloud < N_POINTS={n_points}")
+        if points.shape[1] < (n_points or 1):
+            raise DataError(
+                f"'{path}': too few points: {points.shape[1]} per cloud < N_POINTS={n_points or 1}"
+            )
         labels = check_labels(labels, len(CLASSES), f"'{path}'")
         names = [f"{os.path.basename(path)}/{i}" for i in range(len(points))]
         super().__init__(

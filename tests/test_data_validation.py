@@ -15,7 +15,6 @@ from datasets import DATASETS
 from datasets.io import MAX_ABS_COORD, LAYOUTS, load_cloud_cache, load_npy, read_h5, read_lines
 from datasets.modelnet_fewshot import fewshot_path
 from tests.test_datasets_official import (
-    MN_CLASSES,
     write_fewshot,
     write_h5,
     write_modelnet_cache,
@@ -94,7 +93,7 @@ def test_modelnet_dat_float64_overflow_and_huge_values(tmp_path: Path) -> None:
     bad = [p.astype(np.float64) for p in points]
     bad[5][9, 4] = -3e39
     _cache(dat, bad, labels)
-    with pytest.raises(DataError, match=r"fps\.dat' entry 5: point 9, column 4: -3e\+39 is not finite as float32"):
+    with pytest.raises(DataError, match=r"fps\.dat' entry 5: point 9, column 4: -3e\+39 is not finite"):
         load_cloud_cache(str(dat), 3)
     bad[5][9, 4] = 0.0
     bad[2][0, 1] = 2e7
@@ -116,7 +115,7 @@ def test_modelnet_dat_fractional_label_is_refused(tmp_path: Path) -> None:
         load_cloud_cache(str(dat), 3)
     labels[4] = np.array(["chair"])
     _cache(dat, points, labels)
-    with pytest.raises(DataError, match=r"fps\.dat': labels have dtype <U\d+; expected integer class indices"):
+    with pytest.raises(DataError, match=r"fps\.dat': labels have dtype <U\d+; expected integer class"):
         load_cloud_cache(str(dat), 3)
 
 
@@ -145,12 +144,15 @@ def test_scanobjectnn_float64_overflow_and_bound(tmp_path: Path) -> None:
     data[4, 11, 1] = 1e300
     write_h5(folder / "training_objectdataset.h5", data=data)
     with pytest.raises(
-        DataError, match=r"training_objectdataset\.h5' 'data': cloud 4, point 11, column 1: 1e\+300 is not finite"
+        DataError, match=r"objectdataset\.h5' 'data': cloud 4, point 11, column 1: 1e\+300 is not finite"
     ):
         DATASETS.get("ScanObjectNN")(root=str(folder))
     data[4, 11, 1] = 5e19
     write_h5(folder / "training_objectdataset.h5", data=data.astype(np.float32))
     with pytest.raises(DataError, match=r"cloud 4, point 11, column 1: 5e\+19 exceeds the coordinate bound"):
+        DATASETS.get("ScanObjectNN")(root=str(folder))
+    write_h5(folder / "training_objectdataset.h5", data=np.zeros((6, 0, 3), np.float32))
+    with pytest.raises(DataError, match=r"training_objectdataset\.h5': too few points: 0 per cloud < N_POINTS=1"):
         DATASETS.get("ScanObjectNN")(root=str(folder))
     write_h5(folder / "training_objectdataset.h5", data=np.array([[[b"a", b"b", b"c"]]] * 6))
     with pytest.raises(DataError, match=r"'data': point cloud has dtype \|S1; expected real numbers"):
@@ -163,14 +165,14 @@ def test_fewshot_object_points_and_fractional_label(tmp_path: Path) -> None:
     episode["train"][1] = ("not points", 1, 11)
     path.write_bytes(pickle.dumps(episode))
     kw = {"data_path": str(tmp_path), "n_points": 32, "way": 2, "shot": 1, "fold": 0}
-    with pytest.raises(DataError, match=r"0\.pkl' train\[1\]: point cloud has dtype <U10; expected real numbers"):
+    with pytest.raises(DataError, match=r"0\.pkl' train\[1\]: point cloud has dtype <U10; expected real"):
         DATASETS.get("ModelNetFewShot")(**kw)
     episode["train"][1] = (episode["train"][0][0], 0.5, 11)
     path.write_bytes(pickle.dumps(episode))
     with pytest.raises(DataError, match=r"train labels: label 1 is 0\.5, not an integer"):
         DATASETS.get("ModelNetFewShot")(**kw)
     path.write_bytes(pickle.dumps({1: [], "x": []}))
-    with pytest.raises(DataError, match=r"is not a few-shot episode: expected a dict with 'train' and 'test', found \['x', 1\]"):
+    with pytest.raises(DataError, match=r"not a few-shot episode: expected a dict .*, found \['x', 1\]"):
         DATASETS.get("ModelNetFewShot")(**kw)
 
 
@@ -291,6 +293,7 @@ def test_fewshot_reads_the_official_folder_and_the_underscore_variant(tmp_path: 
     assert fewshot_path(str(tmp_path / "b"), 2, 3, 0) == str(legacy / "0.pkl")
     assert len(DATASETS.get("ModelNetFewShot")(data_path=str(tmp_path / "b"), **kw)) == 6
     with pytest.raises(
-        DataError, match=r"missing file .*2way3shot/1\.pkl' \(or .*2way_3shot/1\.pkl'\).*2way_3shot holds \['0\.pkl'\]"
+        DataError,
+        match=r"missing file .*2way3shot/1\.pkl' \(or .*2way_3shot/1\.pkl'\).*2way_3shot holds \['0\.pkl'\]",
     ):
         DATASETS.get("ModelNetFewShot")(data_path=str(tmp_path / "b"), **{**kw, "fold": 1})
