@@ -187,7 +187,12 @@ class ShapeNetPart(PointDataset):
             if absent:
                 raise DataError(
                     f"{len(absent)} shape(s) of '{self.classes[category]}' listed for '{subset}' are "
-                    f"missing from '{folder}', e.g. {absent[:3]}"
+                    f"missing from '{folder}', e.g. {absent[:3]} (listed in "
+                    + ", ".join(
+                        f"'{root}/train_test_split/shuffled_{split}_file_list.json'"
+                        for split in _SPLIT_FILES[subset]
+                    )
+                    + ")"
                 )
             self.items.extend(
                 (os.path.join(folder, f"{sid}.txt"), category, f"{synset}/{sid}")
