@@ -29,10 +29,10 @@ from datasets.build import DATASETS
 from datasets.io import (
     DatasetLayout,
     InMemoryClouds,
+    check_points,
     chunks,
     fps_subsample,
     item_rng,
-    check_points,
     load_cloud_cache,
     register_layout,
     require_root,
@@ -178,13 +178,13 @@ def build_mesh_cache(
     if not entries:
         raise DataError(f"MeshFolder: subset '{subset}' of '{root}' is empty (test_fraction={test_fraction})")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    content = _meta(classes, entries, n_points, raw_points, test_fraction, seed, root)  # before reading
     clouds: list[np.ndarray] = []
     for chunk in chunks(entries, batch_size):
         raw = [sample_mesh(os.path.join(root, rel), raw_points, seed, rel) for rel, _ in chunk]
         clouds.extend(fps_subsample(raw, n_points, batch_size=batch_size, device=device))
         log.info("mesh cache %s: %d / %d meshes", subset, len(clouds), len(entries))
     dat, meta = mesh_cache_paths(cache_dir or root, subset, n_points)
-    content = _meta(classes, entries, n_points, raw_points, test_fraction, seed, root)
     if os.path.exists(meta):  # no side file may vouch for a half-written cache
         os.remove(meta)
     write_cloud_cache(dat, clouds, [label for _, label in entries])

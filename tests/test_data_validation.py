@@ -260,11 +260,13 @@ def test_mesh_folder_truncated_side_file_rebuilds(tmp_path: Path, caplog) -> Non
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
 
 
-def test_mesh_with_out_of_range_faces_is_named(tmp_path: Path) -> None:
+def test_mesh_with_huge_vertices_is_named(tmp_path: Path) -> None:
     root = tmp_path / "meshes"
     _meshes(root)
-    (root / "box" / "train" / "box0.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\nf 1 2 9\n")
-    with pytest.raises(DataError, match=r"box0\.obj'"):
+    (root / "box" / "train" / "box0.obj").write_text("v 0 0 0\nv 1e30 0 0\nv 0 1e30 0\nf 1 2 3\n")
+    with pytest.raises(
+        DataError, match=r"box0\.obj' vertices: vertex 1, column 0: 1e\+30 exceeds the coordinate bound"
+    ):
         DATASETS.get("MeshFolder")(root=str(root), n_points=4, raw_points=8)
 
 
