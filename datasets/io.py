@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import pickle
+import tokenize
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ __all__ = [
     "load_npy",
     "load_txt",
     "read_h5",
+    "MAX_ABS_COORD",
+    "check_points",
     "check_cloud",
     "check_labels",
     "safe_pickle_load",
@@ -134,8 +137,11 @@ def require_file(path: str, what: str) -> str:
 def read_lines(path: str, what: str) -> list[str]:
     """Non-empty, stripped lines of a text file; DataError if it is missing or empty."""
     require_file(path, what)
-    with open(path, encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"'{path}' is not a UTF-8 text file (expected {what}): {exc}") from exc
     if not lines:
         raise DataError(f"file '{path}' is empty (expected {what})")
     return lines
@@ -146,8 +152,21 @@ def load_npy(path: str) -> np.ndarray:
     require_file(path, "a .npy point cloud")
     try:
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"'{path}' is truncated or corrupt: cannot read it as a .npy array ({exc})") from exc
+    # A damaged header reaches numpy's header parser (SyntaxError, tokenize.TokenError) or claims an
+    # absurd shape (MemoryError, OverflowError); all of them mean the same thing to the user.
+    except (
+        ValueError,
+        OSError,
+        EOFError,
+        MemoryError,
+        OverflowError,
+        SyntaxError,
+        TypeError,
+        tokenize.TokenError,
+    ) as exc:
+        raise DataError(
+            f"'{path}' is truncated or corrupt: cannot read it as a .npy array ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def load_txt(path: str, columns: int, delimiter: str | None = None) -> np.ndarray:
@@ -182,33 +201,122 @@ def read_h5(path: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
             absent = [k for k in keys if k not in f]
             if absent:
                 raise DataError(f"'{path}' lacks HDF5 key(s) {absent}: found {found}, expected {list(keys)}")
-            return {k: np.asarray(f[k]) for k in keys}
-    except OSError as exc:
-        raise DataError(f"'{path}' is truncated or corrupt: cannot read it as HDF5 ({exc})") from exc
+            out = {}
+            for k in keys:
+                node = f[k]
+                if not isinstance(node, h5py.Dataset):
+                    kind = "group" if isinstance(node, h5py.Group) else type(node).__name__
+                    raise DataError(f"'{path}': HDF5 key '{k}' is a {kind}; expected a dataset")
+                out[k] = np.asarray(node[()])
+            return out
+    except DataError:
+        raise
+    # A damaged file surfaces from the HDF5 library as any of these, depending on which structure broke.
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        RuntimeError,
+        TypeError,
+        IndexError,
+        MemoryError,
+        OverflowError,
+    ) as exc:
+        raise DataError(
+            f"'{path}' is truncated or corrupt: cannot read it as HDF5 ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
-def check_cloud(points: np.ndarray, source: str, min_points: int = 1, min_columns: int = 3) -> np.ndarray:
-    """Check that ``points`` is a finite (N, C) array with N >= ``min_points`` and C >= ``min_columns``."""
+MAX_ABS_COORD = 1e6
+"""Largest coordinate magnitude a loader accepts (any column: xyz, normals, part labels).
+
+Far above any object-scale data (unit spheres, metres, millimetres up to a kilometre), and far enough
+below the float32 limit (3.4e38) that centring, the norms of ``pc_norm`` and the squared distances of
+FPS, kNN and the Chamfer loss stay finite and meaningful. A float32 coordinate of 1e20 would square to
+inf and normalise the whole cloud to zeros; clouds in larger units must be rescaled or recentred first.
+"""
+
+
+def _position(index: tuple[int, ...], item_axes: tuple[str, ...]) -> str:
+    """``cloud 4, point 11, column 1`` for an index into an array whose axes are named ``item_axes``."""
+    return ", ".join(f"{name} {int(i)}" for name, i in zip(item_axes, index))
+
+
+def check_points(points: Any, source: str, item_axes: tuple[str, ...] = ("point", "column")) -> np.ndarray:
+    """Return ``points`` as float32 after checking it is a real-valued array of sane coordinates.
+
+    Every value must be a real number (integer or float dtype), finite after the cast to float32
+    (float64 values beyond the float32 range would become inf) and at most :data:`MAX_ABS_COORD` in
+    magnitude. The error names ``source``, the position of the first bad value (axes named by
+    ``item_axes``: ``("cloud", "point", "column")`` for a batch) and the value.
+
+    Raises:
+        DataError: a non-numeric dtype, a non-finite value or a value beyond the bound.
+    """
+    try:
+        arr = np.asarray(points)
+    except (ValueError, TypeError) as exc:  # ragged nested lists
+        raise DataError(f"{source}: point cloud is not a numeric array ({exc})") from exc
+    if arr.dtype.kind not in "iuf":
+        raise DataError(f"{source}: point cloud has dtype {arr.dtype}; expected real numbers (float or int)")
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = arr.astype(np.float32, copy=False)
+    finite = np.isfinite(cast)
+    if not finite.all():
+        where = tuple(np.argwhere(~finite)[0])
+        raise DataError(
+            f"{source}: {_position(where, item_axes)}: {arr[where].item():.6g} is not finite as float32 "
+            "(NaN, inf, or beyond the float32 range of 3.4e38)"
+        )
+    big = np.abs(cast) > MAX_ABS_COORD
+    if big.any():
+        where = tuple(np.argwhere(big)[0])
+        raise DataError(
+            f"{source}: {_position(where, item_axes)}: {arr[where].item():.6g} exceeds the coordinate bound "
+            f"{MAX_ABS_COORD:.0e} (larger values break normalisation and squared distances in float32; "
+            "rescale or recentre the data)"
+        )
+    return cast
+
+
+def check_cloud(points: Any, source: str, min_points: int = 1, min_columns: int = 3) -> np.ndarray:
+    """Check that ``points`` is a (N, C) array with N >= ``min_points`` and C >= ``min_columns`` whose
+    values pass :func:`check_points`; return it as float32."""
+    points = check_points(points, source)
     if points.ndim != 2 or points.shape[1] < min_columns:
         raise DataError(
             f"{source}: point cloud has shape {tuple(points.shape)}; expected (N, {min_columns}+)"
         )
     if points.shape[0] < min_points:
         raise DataError(f"{source}: too few points: {points.shape[0]} < {min_points} required")
-    if not np.isfinite(points).all():
-        raise DataError(f"{source}: point cloud holds NaN or inf values")
     return points
 
 
-def check_labels(labels: np.ndarray, num_classes: int, source: str) -> np.ndarray:
-    """Return ``labels`` as int64 after checking every value is in ``[0, num_classes)``."""
-    labels = np.asarray(labels).reshape(-1)
+def check_labels(labels: Any, num_classes: int, source: str) -> np.ndarray:
+    """Return ``labels`` as int64 after checking every value is an integer in ``[0, num_classes)``.
+
+    A fractional value (``1.5``) is refused, not truncated; the error names the first bad label's index.
+    """
+    try:
+        labels = np.asarray(labels).reshape(-1)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{source}: labels are not an array of class indices ({exc})") from exc
     if labels.dtype.kind not in "iubf":
         raise DataError(f"{source}: labels have dtype {labels.dtype}; expected integer class indices")
-    bad = ~np.isfinite(labels) | (labels < 0) | (labels >= num_classes) | (labels != np.round(labels))
-    if bad.any():
+    with np.errstate(invalid="ignore"):
+        fractional = np.isfinite(labels) & (labels != np.round(labels))
+    if fractional.any():
+        i = int(np.flatnonzero(fractional)[0])
         raise DataError(
-            f"{source}: label out of range: {labels[bad][0].item()}; expected integers in [0, {num_classes})"
+            f"{source}: label {i} is {labels[i].item()}, not an integer; "
+            f"expected integers in [0, {num_classes})"
+        )
+    bad = ~np.isfinite(labels) | (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{source}: label out of range: {labels[i].item()}; expected integers in [0, {num_classes}) "
+            f"(label {i})"
         )
     return labels.astype(np.int64)
 
@@ -294,6 +402,8 @@ def safe_pickle_load(path: str) -> Any:
             IndexError,
             KeyError,
             MemoryError,
+            OverflowError,
+            RecursionError,
             UnicodeDecodeError,
         ) as exc:
             raise DataError(
@@ -329,19 +439,20 @@ def load_cloud_cache(
     points, labels = obj
     if len(points) != len(labels):
         raise DataError(f"'{path}': {len(points)} point clouds but {len(labels)} labels")
-    clouds = []
-    for i, cloud in enumerate(points):
-        cloud = np.asarray(cloud)
-        clouds.append(
-            check_cloud(cloud, f"'{path}' entry {i}", min_points, min_columns).astype(np.float32, copy=False)
-        )
+    clouds = [
+        check_cloud(cloud, f"'{path}' entry {i}", min_points, min_columns) for i, cloud in enumerate(points)
+    ]
     flat = []
     for i, lab in enumerate(labels):
-        lab = np.asarray(lab).reshape(-1)
+        try:
+            lab = np.asarray(lab).reshape(-1)
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"'{path}': label {i} is not a class index ({exc})") from exc
         if lab.size != 1:
             raise DataError(f"'{path}': label {i} has {lab.size} values; expected one class index")
         flat.append(lab[0])
-    return clouds, check_labels(np.asarray(flat, dtype=np.int64), num_classes, f"'{path}'")
+    # No cast before the check: a label of 1.5 must be refused, not truncated to 1.
+    return clouds, check_labels(flat, num_classes, f"'{path}'")
 
 
 def write_cloud_cache(path: str, clouds: Sequence[np.ndarray], labels: Sequence[int]) -> None:

@@ -8,8 +8,9 @@ Layouts (one sub-folder per class; classes are the sorted folder names):
 Each mesh is sampled with ``raw_points`` area-weighted surface points (trimesh, seeded per file), with the
 face normals, then reduced to ``n_points`` by batched FPS, exactly like the ModelNet raw files. The result
 is written as ``meshfolder_{subset}_{n_points}pts_fps.dat`` (the ModelNet ``.dat`` pickle layout) plus a
-``.json`` side file with the class and shape names and the settings; a side file that no longer matches
-the folder or the settings triggers a rebuild.
+``.json`` side file with the class and shape names, the size and modification time (``st_mtime_ns``) of
+every mesh, and the settings; a side file that no longer matches the folder, a mesh's content or the
+settings, or that is unreadable, triggers a rebuild.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from datasets.build import DATASETS
 from datasets.io import (
     DatasetLayout,
     InMemoryClouds,
+    check_points,
     chunks,
     fps_subsample,
     item_rng,
@@ -36,6 +38,7 @@ from datasets.io import (
     write_cloud_cache,
 )
 from utils.errors import ConfigError, DataError
+from utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +121,22 @@ def sample_mesh(path: str, count: int, seed: int, key: str) -> np.ndarray:
         raise DataError(
             f"'{path}' is truncated or corrupt: trimesh cannot read it as a mesh ({exc})"
         ) from exc
-    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0 or not mesh.area > 0:
+    # Check the vertices before the areas: huge or NaN coordinates make the area test meaningless.
+    if isinstance(mesh, trimesh.Trimesh):
+        check_points(mesh.vertices, f"'{path}' vertices", ("vertex", "column"))
+    try:
+        usable = isinstance(mesh, trimesh.Trimesh) and len(mesh.faces) > 0 and mesh.area > 0
+        if usable:
+            rng = item_rng(seed, zlib.crc32(key.encode()))
+            points, faces = trimesh.sample.sample_surface(mesh, count, seed=rng)
+            cloud = np.concatenate([points, mesh.face_normals[faces]], axis=1)
+    except (ValueError, IndexError, TypeError, FloatingPointError) as exc:  # faces naming absent vertices
+        raise DataError(
+            f"'{path}': malformed mesh, cannot sample its surface ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not usable:
         raise DataError(f"'{path}': mesh has no faces of positive area; cannot sample its surface")
-    rng = item_rng(seed, zlib.crc32(key.encode()))
-    points, faces = trimesh.sample.sample_surface(mesh, count, seed=rng)
-    cloud = np.concatenate([points, mesh.face_normals[faces]], axis=1).astype(np.float32)
-    if not np.isfinite(cloud).all():
-        raise DataError(f"'{path}': mesh vertices hold NaN or inf values")
-    return cloud
+    return check_points(cloud, f"'{path}' surface samples")
 
 
 def mesh_cache_paths(cache_dir: str, subset: str, n_points: int) -> tuple[str, str]:
@@ -167,15 +178,17 @@ def build_mesh_cache(
     if not entries:
         raise DataError(f"MeshFolder: subset '{subset}' of '{root}' is empty (test_fraction={test_fraction})")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    content = _meta(classes, entries, n_points, raw_points, test_fraction, seed, root)  # before reading
     clouds: list[np.ndarray] = []
     for chunk in chunks(entries, batch_size):
         raw = [sample_mesh(os.path.join(root, rel), raw_points, seed, rel) for rel, _ in chunk]
         clouds.extend(fps_subsample(raw, n_points, batch_size=batch_size, device=device))
         log.info("mesh cache %s: %d / %d meshes", subset, len(clouds), len(entries))
     dat, meta = mesh_cache_paths(cache_dir or root, subset, n_points)
+    if os.path.exists(meta):  # no side file may vouch for a half-written cache
+        os.remove(meta)
     write_cloud_cache(dat, clouds, [label for _, label in entries])
-    with open(meta, "w", encoding="utf-8") as f:
-        json.dump(_meta(classes, entries, n_points, raw_points, test_fraction, seed), f, indent=1)
+    atomic_write(meta, lambda f: json.dump(content, f, indent=1), binary=False)
     log.info("wrote %s (%d meshes, %.1f MB)", dat, len(clouds), os.path.getsize(dat) / 1e6)
     return dat
 
@@ -187,11 +200,17 @@ def _meta(
     raw_points: int,
     test_fraction: float,
     seed: int,
+    root: str,
 ) -> dict:
-    """The side-file content that identifies a cache."""
+    """The side-file content that identifies a cache: names, ``[size, st_mtime_ns]`` of each mesh, settings.
+
+    Keyed on each mesh's size and modification time, so an edited mesh (same name) triggers a rebuild.
+    """
+    stats = [os.stat(os.path.join(root, rel)) for rel, _ in entries]
     return {
         "classes": classes,
         "names": [rel for rel, _ in entries],
+        "files": [[st.st_size, st.st_mtime_ns] for st in stats],
         "n_points": n_points,
         "raw_points": raw_points,
         "test_fraction": test_fraction,
@@ -233,11 +252,14 @@ class MeshFolder(InMemoryClouds):
         classes, subsets = scan_mesh_folder(root, test_fraction, seed)
         entries = subsets[subset]
         dat, meta_path = mesh_cache_paths(cache_dir or root, subset, n_points)
-        expected = _meta(classes, entries, n_points, raw_points, test_fraction, seed)
+        expected = _meta(classes, entries, n_points, raw_points, test_fraction, seed, root)
         current = None
         if os.path.isfile(dat) and os.path.isfile(meta_path):
-            with open(meta_path, encoding="utf-8") as f:
-                current = json.load(f)
+            try:
+                with open(meta_path, encoding="utf-8") as f:
+                    current = json.load(f)
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError included
+                log.warning("%s is unreadable (%s): rebuilding its cache", meta_path, exc)
         if current != expected:
             log.warning("%s missing or stale: sampling %d meshes", dat, len(entries))
             build_mesh_cache(root, subset, n_points, raw_points, test_fraction, seed, cache_dir)

@@ -1,6 +1,8 @@
 """ModelNet40 few-shot episodes in the Point-BERT layout (REFERENCE 4.4, protocol 6.7).
 
-``ModelNetFewshot/{way}way_{shot}shot/{fold}.pkl`` is a pickle of ``{'train': [...], 'test': [...]}``
+``ModelNetFewshot/{way}way{shot}shot/{fold}.pkl`` (the layout of Point-BERT's download and of the
+official DATASET.md; the ``{way}way_{shot}shot/`` folders that the official loader code reads are found
+too) is a pickle of ``{'train': [...], 'test': [...]}``
 whose items are ``(points float32 (8192, 6), label_in_episode 0..way-1, original_class)``. The train
 list holds way x shot support shapes from the ModelNet40 train split, the test list way x 20 query
 shapes from the test split. :func:`generate_fewshot` writes such folds, seeded, from the ``.dat`` caches.
@@ -46,7 +48,12 @@ LAYOUT = register_layout(
             "├── 10way10shot/\n"
             "└── 10way20shot/"
         ),
-        required=tuple((f"{w}way{s}shot/{f}.pkl",) for w in (5, 10) for s in (10, 20) for f in range(10)),
+        required=tuple(
+            (f"{w}way{s}shot/{f}.pkl", f"{w}way_{s}shot/{f}.pkl")
+            for w in (5, 10)
+            for s in (10, 20)
+            for f in range(10)
+        ),
         source="Point-BERT DATASET.md (https://github.com/lulutang0608/Point-BERT/blob/master/DATASET.md); "
         "or generate seeded folds from the ModelNet40 caches with `python tools/prepare_data.py fewshot`",
     )
@@ -54,8 +61,14 @@ LAYOUT = register_layout(
 
 
 def fewshot_path(data_path: str, way: int, shot: int, fold: int) -> str:
-    """``<data_path>/{way}way_{shot}shot/{fold}.pkl``."""
-    return os.path.join(data_path, f"{way}way_{shot}shot", f"{fold}.pkl")
+    """``<data_path>/{way}way{shot}shot/{fold}.pkl``, the official layout (docs/DATA.md).
+
+    Where only ``{way}way_{shot}shot/{fold}.pkl`` exists (the folder name the official loader code
+    reads), that file is returned instead, so copies laid out for either convention load.
+    """
+    official = os.path.join(data_path, f"{way}way{shot}shot", f"{fold}.pkl")
+    underscore = os.path.join(data_path, f"{way}way_{shot}shot", f"{fold}.pkl")
+    return underscore if not os.path.isfile(official) and os.path.isfile(underscore) else official
 
 
 def generate_fewshot(
@@ -69,7 +82,7 @@ def generate_fewshot(
     num_category: int = 40,
     n_points: int = 8192,
 ) -> list[str]:
-    """Write ``folds`` few-shot episodes ``{way}way_{shot}shot/{fold}.pkl`` (the official protocol).
+    """Write ``folds`` few-shot episodes ``{way}way{shot}shot/{fold}.pkl`` (the official protocol).
 
     Per fold, with a generator seeded by ``(seed, way, shot, fold)``: draw ``way`` classes among those
     with at least ``shot`` train and ``query`` test shapes, then ``shot`` support shapes per class from
@@ -121,7 +134,7 @@ def generate_fewshot(
         for subset in episode:
             order = rng.permutation(len(episode[subset]))
             episode[subset] = [episode[subset][i] for i in order]
-        path = fewshot_path(out_path, way, shot, fold)
+        path = os.path.join(out_path, f"{way}way{shot}shot", f"{fold}.pkl")
         atomic_pickle_dump(episode, path)
         written.append(path)
     log.info("wrote %d folds of %d-way %d-shot under %s", folds, way, shot, out_path)
@@ -134,7 +147,7 @@ def _read_episode(
     """Validate one subset of an episode pickle; return its clouds and in-episode labels."""
     episode: Any = safe_pickle_load(path)
     if not isinstance(episode, dict) or not {"train", "test"} <= set(episode):
-        keys = sorted(episode) if isinstance(episode, dict) else type(episode).__name__
+        keys = sorted(episode, key=repr) if isinstance(episode, dict) else type(episode).__name__
         raise DataError(
             f"'{path}' is not a few-shot episode: expected a dict with 'train' and 'test', found {keys}"
         )
@@ -147,14 +160,12 @@ def _read_episode(
             raise DataError(f"'{path}': {subset}[{i}] is not a (points, label, class) tuple")
         points, label, original = item
         clouds.append(
-            check_cloud(
-                np.asarray(points, dtype=np.float32), f"'{path}' {subset}[{i}]", min_points, min_columns
-            )
+            check_cloud(points, f"'{path}' {subset}[{i}]", min_points, min_columns)
         )
         labels.append(label)
         originals.append(original)
-    check_labels(np.asarray(originals), num_category, f"'{path}' original classes")
-    return clouds, check_labels(np.asarray(labels), way, f"'{path}' {subset} labels")
+    check_labels(originals, num_category, f"'{path}' original classes")
+    return clouds, check_labels(labels, way, f"'{path}' {subset} labels")
 
 
 @DATASETS.register("ModelNetFewShot")
@@ -198,11 +209,15 @@ class ModelNetFewShot(InMemoryClouds):
         require_root(data_path, LAYOUT, "DATA_PATH")
         path = fewshot_path(data_path, way, shot, fold)
         if not os.path.isfile(path):
-            folder = os.path.dirname(path)
+            underscore = os.path.join(data_path, f"{way}way_{shot}shot", f"{fold}.pkl")
+            folder = next(
+                (d for d in (os.path.dirname(path), os.path.dirname(underscore)) if os.path.isdir(d)),
+                os.path.dirname(path),
+            )
             have = sorted(os.listdir(folder)) if os.path.isdir(folder) else "(folder missing)"
             raise DataError(
-                f"missing file '{path}' (expected fold {fold} of {way}-way {shot}-shot); "
-                f"{folder} holds {have}"
+                f"missing file '{path}' (or '{underscore}') (expected fold {fold} of {way}-way "
+                f"{shot}-shot); {folder} holds {have}"
             )
         clouds, labels = _read_episode(
             path, subset, way, num_category, npoints or n_points, 6 if use_normals else 3

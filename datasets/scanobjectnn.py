@@ -13,7 +13,15 @@ from typing import Literal
 import numpy as np
 
 from datasets.build import DATASETS
-from datasets.io import DatasetLayout, InMemoryClouds, check_labels, read_h5, register_layout, require_root
+from datasets.io import (
+    DatasetLayout,
+    InMemoryClouds,
+    check_labels,
+    check_points,
+    read_h5,
+    register_layout,
+    require_root,
+)
 from utils.errors import ConfigError, DataError
 
 CLASSES = [
@@ -116,20 +124,20 @@ class ScanObjectNN(InMemoryClouds):
         folder, stem = (_split_folder(root, split), SPLITS[split][1]) if split else (root, self._stem)
         path = os.path.join(folder, f"{'training' if subset == 'train' else 'test'}_{stem}.h5")
         data = read_h5(path, ("data", "label"))
-        points, labels = data["data"], data["label"]
+        points = check_points(data["data"], f"'{path}' 'data'", ("cloud", "point", "column"))
+        labels = data["label"]
         if points.ndim != 3 or points.shape[2] < 3:
             raise DataError(f"'{path}': 'data' has shape {points.shape}; expected (N, P, 3)")
         if len(points) != labels.size:
             raise DataError(f"'{path}': {len(points)} clouds but {labels.size} labels")
-        if n_points is not None and points.shape[1] < n_points:
-            raise DataError(f"'{path}': too few points: {points.shape[1]} per cloud < N_POINTS={n_points}")
-        if not np.isfinite(points).all():
-            bad = int(np.flatnonzero(~np.isfinite(points).all(axis=(1, 2)))[0])
-            raise DataError(f"'{path}': cloud {bad} holds NaN or inf values")
+        if points.shape[1] < (n_points or 1):
+            raise DataError(
+                f"'{path}': too few points: {points.shape[1]} per cloud < N_POINTS={n_points or 1}"
+            )
         labels = check_labels(labels, len(CLASSES), f"'{path}'")
         names = [f"{os.path.basename(path)}/{i}" for i in range(len(points))]
         super().__init__(
-            points[:, :, :3].astype(np.float32),
+            np.ascontiguousarray(points[:, :, :3]),
             labels,
             names,
             n_points,

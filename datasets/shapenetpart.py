@@ -105,7 +105,7 @@ def read_split(root: str, split: str) -> list[tuple[str, str]]:
     try:
         with open(path, encoding="utf-8") as f:
             entries = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, deep nesting
         raise DataError(f"'{path}' is truncated or corrupt: not valid JSON ({exc})") from exc
     out = []
     for entry in entries if isinstance(entries, list) else [entries]:
@@ -187,7 +187,12 @@ class ShapeNetPart(PointDataset):
             if absent:
                 raise DataError(
                     f"{len(absent)} shape(s) of '{self.classes[category]}' listed for '{subset}' are "
-                    f"missing from '{folder}', e.g. {absent[:3]}"
+                    f"missing from '{folder}', e.g. {absent[:3]} (listed in "
+                    + ", ".join(
+                        f"'{root}/train_test_split/shuffled_{split}_file_list.json'"
+                        for split in _SPLIT_FILES[subset]
+                    )
+                    + ")"
                 )
             self.items.extend(
                 (os.path.join(folder, f"{sid}.txt"), category, f"{synset}/{sid}")

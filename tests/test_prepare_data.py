@@ -140,7 +140,7 @@ def test_modelnet_cache_reports_too_few_points(tmp_path: Path, capsys: pytest.Ca
 
 # -------------------------------------------------------------------------------------- fewshot
 def _episodes(out: Path, way: int, shot: int) -> list[dict]:
-    return [safe_pickle_load(str(out / f"{way}way_{shot}shot" / f"{fold}.pkl")) for fold in range(3)]
+    return [safe_pickle_load(str(out / f"{way}way{shot}shot" / f"{fold}.pkl")) for fold in range(3)]
 
 
 def test_fewshot_folds_follow_the_protocol(tmp_path: Path) -> None:

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate seeded ModelNet40 few-shot folds from the .dat caches",
         description="Official protocol: per fold draw WAY classes, SHOT support shapes per class "
         "from the train cache and QUERY (20) query shapes per class from the test "
-        "cache, labels 0..WAY-1; write <out>/{way}way_{shot}shot/{fold}.pkl as "
+        "cache, labels 0..WAY-1; write <out>/{way}way{shot}shot/{fold}.pkl as "
         "{'train': [(points, label, class)], 'test': [...]}. Seeded by "
         "(seed, way, shot, fold), so the folds are reproducible.",
     )
