@@ -177,3 +177,14 @@ def test_unknown_mask_strategy_is_a_config_error_at_build_time():
         build_model({"NAME": "Point_MAE", "transformer_config": {"mask_type": "gm3d"}})
     with pytest.raises(ConfigError, match="disagrees"):
         build_model({"NAME": "Point_MAE", "mask": {"ratio": 0.7}, "transformer_config": {"mask_ratio": 0.6}})
+
+
+def test_paper_configs_have_the_official_state_dict_keys():
+    """Where an official key list exists (built by hand in the tests), the paper config gives exactly it."""
+    from tests.helpers import official_point_mae_keys
+    from tests.test_point_m2ae import official_m2ae_keys
+
+    official = {"point_mae.yaml": official_point_mae_keys(), "point_m2ae.yaml": official_m2ae_keys()}
+    for name, keys in official.items():
+        model = build_model(load_config(ROOT / "cfgs/pretrain" / name).to_dict()["model"])
+        assert set(model.state_dict()) == keys, name

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from models.base import TrainHooks
 from tests.conftest import REPO
 from tools import runs
 from tools.engine import NonFiniteLossError, Trainer
@@ -147,7 +148,7 @@ def test_a_kill_inside_the_best_write_is_repaired_on_resume(tmp_path, state_of_b
 
 
 # ------------------------------------------------------------------------------------ non-finite loss
-class NaNAt(nn.Module):
+class NaNAt(TrainHooks, nn.Module):
     """Finite loss until optimizer step ``blow_at``, where the weights jump to 1e9 (finite) and every
     later loss is NaN: the checkpoint saved after that step is broken although its weights are finite."""
 

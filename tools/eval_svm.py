@@ -83,7 +83,7 @@ def svm_data(cfg, dataset_config: str | None = None):
 def main(argv: list[str] | None = None) -> int:
     from tools.cli import OVERRIDES_HELP, add_data_args, data_overrides, parse_with_overrides
     from tools.stats import format_accuracy, format_mean, wilson_interval
-    from tools.svm import EncoderFeatures, SVMEvaluator, extract_features, kfold_svm, repeated_svm
+    from tools.svm import SVMEvaluator, feature_model, extract_features, kfold_svm, repeated_svm
     from utils.config import load_config
     from utils.errors import CheckpointError, ConfigError, DataError
     from utils.logging import setup_logging
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         seed = int(cfg.seed if args.seed is None else args.seed)
         device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        model = EncoderFeatures.from_model_cfg(cfg.model, int(cfg.npoints))
+        model = feature_model(cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else dict(cfg.model),
+                              int(cfg.npoints))
         layout = "random init"
         if args.ckpt:
             layout = model.load_checkpoint(args.ckpt, args.source)["layout"]

@@ -138,6 +138,52 @@ class EncoderFeatures(nn.Module):
         return pool_tokens(self.encoder(p.neighborhood, p.center))
 
 
+class BackboneFeatures(nn.Module):
+    """The linear-SVM feature of any registered pre-training model (the backbone contract's
+    ``extract_features``), for backbones without a bare-encoder shortcut like :class:`EncoderFeatures`.
+
+    The checkpoint's encoder comes through the model's adapter (canonical encoder names, which for such
+    backbones are also their pre-training names); every encoder key must be present, every other key
+    of the model (decoders, GC branch, teachers) is left out.
+    """
+
+    def __init__(self, model: nn.Module, npoints: int | None = None):
+        super().__init__()
+        self.model, self.npoints = model, npoints
+
+    def load_checkpoint(self, path: str, source: str = "student") -> dict:
+        from models.adapters import adapter_for
+        from tools import checkpoint as ckpt_io
+
+        adapter = adapter_for(self.model)
+        state, info = adapter.encoder_weights(ckpt_io.load_file(path), source=source, where=str(path))
+        info.pop("extra", None)
+        own = self.model.state_dict()
+        allowed = {k for k in own if not k.startswith(adapter.ENCODER)}
+        ckpt_io.load_state_dict_checked(self.model, state, allowed_missing=allowed,
+                                        what=f"encoder of {path} ({info['layout']})")
+        return info
+
+    @torch.no_grad()
+    def extract_features(self, points: torch.Tensor) -> torch.Tensor:
+        from extensions import fps, gather
+
+        if self.npoints is not None and points.shape[1] > self.npoints:
+            points = gather(points, fps(points, self.npoints))
+        return self.model.extract_features(points)
+
+
+def feature_model(model_cfg, npoints: int | None = None) -> nn.Module:
+    """The frozen-encoder feature model of a config's ``model`` section: :class:`EncoderFeatures` for
+    Point-MAE (pre-training or fine-tune keys), :class:`BackboneFeatures` for every other backbone."""
+    from models import MODELS, build_model
+
+    cls = MODELS.get(model_cfg["NAME"])
+    if getattr(cls, "ARCH", "") == "point_mae":
+        return EncoderFeatures.from_model_cfg(model_cfg, npoints)
+    return BackboneFeatures(build_model(dict(model_cfg), where="model"), npoints)
+
+
 class Resampled(Dataset):
     """A view of a data set whose item ``i`` has its points in a random order seeded by
     ``(seed, repeat, i)`` (see the module docstring); labels and everything else unchanged."""
