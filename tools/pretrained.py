@@ -100,6 +100,7 @@ def load_start_checkpoint(model: nn.Module, path: str | Path) -> dict[str, Any]:
     student = getattr(model, "student", None)
     if student is None:  # a plain backbone: every key, exactly
         load_state_dict_checked(model, sd, what=f"--start_ckpts {path}")
+        log.info("--start_ckpts %s: %d tensors loaded (every key of the model)", path, len(sd))
         return {"loaded": len(sd), "new": [], "ignored": []}
     student_keys = set(student.state_dict())
     gc_keys = {k for k in own if k not in student_keys and not k.startswith(("ema.", "knowledge_teacher."))}
