@@ -1,7 +1,7 @@
 """Time one full pre-training step (Point-MAE, GM3D) against an "official-formulation" baseline.
 
     python bench/pretrain_step.py [--device cpu|cuda] [--repeats N] [--warmup W]
-                                  [--configs paper quickstart gm3d] [--precisions fp32 bf16]
+                                  [--configs paper quickstart gm3d m2ae m2ae_gm3d] [--precisions fp32 bf16]
                                   [--threads T] [--quick]
 
 One step is what the training engine does per iteration: the batch augmentation, the forward under
@@ -74,7 +74,11 @@ CONFIG_FILES = {
     "paper": "cfgs/pretrain/point_mae.yaml",
     "quickstart": "cfgs/pretrain/quickstart.yaml",
     "gm3d": "cfgs/pretrain/point_mae_gm3d.yaml",
+    "m2ae": "cfgs/pretrain/point_m2ae.yaml",            # project rows only: no official formulation here
+    "m2ae_gm3d": "cfgs/pretrain/point_m2ae_gm3d.yaml",
 }
+PAPER_CONFIGS = ("paper", "gm3d", "m2ae", "m2ae_gm3d")
+GM3D_CONFIGS = ("gm3d", "m2ae_gm3d")
 PAPER_BATCH = 32          # the batch the official timings in issues 2 and 3 were taken at
 GM3D_EPOCH, GM3D_EPOCHS = 200, 400
 
@@ -342,7 +346,7 @@ def make_points(batch: int, npoints: int, device: torch.device) -> torch.Tensor:
 
 def build(name: str, cfg, teacher_ckpt: str | None) -> nn.Module:
     m = dict(cfg["model"])
-    if name == "gm3d":
+    if name in GM3D_CONFIGS:
         m["gm3d"] = dict(m["gm3d"], teacher_ckpt=teacher_ckpt)
     model = build_model(m)
     if getattr(model, "knowledge_teacher", None) is not None:
@@ -351,10 +355,11 @@ def build(name: str, cfg, teacher_ckpt: str | None) -> nn.Module:
 
 
 def write_teacher(cfg, path: str) -> None:
-    """A randomly initialised Point-MAE of the same width saved as the knowledge-teacher checkpoint."""
+    """A randomly initialised backbone of the same shape saved as the knowledge-teacher checkpoint."""
     m = {k: v for k, v in dict(cfg["model"]).items() if k not in ("gm3d", "mask")}
-    m["NAME"] = "Point_MAE"
-    m["transformer_config"] = dict(m["transformer_config"], mask_type="rand")
+    m["NAME"] = m["NAME"].replace("_GM3D", "")
+    if "transformer_config" in m:
+        m["transformer_config"] = dict(m["transformer_config"], mask_type="rand")
     torch.manual_seed(0)
     ckpt_io.atomic_save({"base_model": build_model(m).state_dict()}, path)
 
@@ -401,21 +406,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         teacher = os.path.join(tmp, "teacher.pth")
         cfgs = {name: model_cfg(name) for name in args.configs}
-        if "gm3d" in cfgs:
-            write_teacher(cfgs["gm3d"], teacher)
+        teachers = {name: os.path.join(tmp, f"teacher_{name}.pth") for name in cfgs if name in GM3D_CONFIGS}
+        for name, path in teachers.items():
+            write_teacher(cfgs[name], path)
         for precision in precisions:
             steps: dict = {}
             shapes: dict = {}
             for name, cfg in cfgs.items():
-                batch = batch_override or (PAPER_BATCH if name in ("paper", "gm3d") else int(cfg["total_bs"]))
+                batch = batch_override or (PAPER_BATCH if name in PAPER_CONFIGS else int(cfg["total_bs"]))
+                teacher = teachers.get(name)
                 npoints = int(cfg["npoints"])
                 shapes[name] = (batch, npoints)
                 points = make_points(batch, npoints, device)
-                epoch = GM3D_EPOCH if name == "gm3d" else 0
+                epoch = GM3D_EPOCH if name in GM3D_CONFIGS else 0
                 torch.manual_seed(0)
                 steps[(name, "ours")] = Step(build(name, cfg, teacher), cfg, points, precision, device,
                                              ScaleAndTranslate(), epoch)
-                if not args.no_baseline:
+                if not args.no_baseline and not name.startswith("m2ae"):
                     torch.manual_seed(0)
                     steps[(name, "official")] = Step(officialize(build(name, cfg, teacher)), cfg, points,
                                                      precision, device, official_scale_translate, epoch,
@@ -426,16 +433,17 @@ def main(argv: list[str] | None = None) -> int:
             for (name, impl), ts in times.items():
                 base = med.get((name, "official"))
                 batch, npoints = shapes[name]
-                plain = med.get(("paper", impl))
+                plain = med.get(("m2ae" if name.startswith("m2ae") else "paper", impl))
                 rows.append({"config": name, "impl": impl, "precision": precision, "batch": batch,
                              "npoints": npoints, "median": med[(name, impl)], "min": min(ts), "max": max(ts),
                              "speedup": base / med[(name, impl)] if base else None,
-                             "ratio": med[(name, impl)] / plain if name == "gm3d" and plain else None})
+                             "ratio": med[(name, impl)] / plain if name in GM3D_CONFIGS and plain else None})
             print(f"  .. {precision}: " + ", ".join(f"{n}/{i} {fmt_ms(v)} ms" for (n, i), v in med.items()),
                   file=sys.stderr, flush=True)
     load1 = os.getloadavg()
 
-    label = {"paper": "Point-MAE", "quickstart": "Point-MAE", "gm3d": "GM3D (C, GC dec 12)"}
+    label = {"paper": "Point-MAE", "quickstart": "Point-MAE", "gm3d": "GM3D (C, GC dec 12)",
+             "m2ae": "Point-M2AE", "m2ae_gm3d": "Point-M2AE + GM3D (C)"}
     threads = torch.get_num_threads()
     omp = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; " if device.type == "cpu" else ""
     print(f"Machine: {machine(device)}; torch {torch.__version__}; {omp}{warmup} warm-up + {repeats} timed "
@@ -446,9 +454,9 @@ def main(argv: list[str] | None = None) -> int:
               f"832x384->1536 Linear: {skipped_bf16}). Force them with --precisions fp32 bf16.")
     print()
     print("| config | step | precision | threads | batch x points | median ms | min-max ms | samples/s "
-          "| speed-up vs official | GM3D / Point-MAE |")
+          "| speed-up vs official | GM3D / its backbone |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    order = {"paper": 0, "gm3d": 1, "quickstart": 2}
+    order = {"paper": 0, "gm3d": 1, "m2ae": 2, "m2ae_gm3d": 3, "quickstart": 4}
     rows.sort(key=lambda r: (r["precision"] != "fp32", order[r["config"]], r["impl"] != "ours"))
     for r in rows:
         impl = "project" if r["impl"] == "ours" else "official formulation"
