@@ -15,7 +15,6 @@ test accuracy with their epochs; the best epoch is selected on the test split (o
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -60,9 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tools.runs import USER_ERRORS
+    from tools.runs import run_cli
 
-    try:
+    def job():
         if args.data:
             from tools.cli import data_overrides
 
@@ -80,12 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             run_finetune(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, ckpt=args.finetune,
                          scratch=args.scratch, test=args.test, vote=args.vote, resume=args.resume,
                          accept_config_change=args.accept_config_change)
-    except Exception as e:  # a clear one-line message for the user errors we raise on purpose
-        if isinstance(e, USER_ERRORS):
-            logging.getLogger("main_finetune").error("%s: %s", type(e).__name__, e)
-            return 2
-        raise
-    return 0
+
+    return run_cli(job, "main_finetune")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tools.cli import OVERRIDES_HELP, add_data_args, data_overrides, parse_with_overrides  # noqa: E402
-from tools.runs import run_pretrain  # noqa: E402
+from tools.runs import run_cli, run_pretrain  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,19 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def job():
         if args.data:
             args.opts = data_overrides(args.data, "pretrain", args.config, args.opts, args.data_points)
         run_pretrain(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, resume=args.resume,
                      stop_after_epoch=args.stop_after_epoch, start_ckpts=args.start_ckpts,
                      accept_config_change=args.accept_config_change)
-    except Exception as e:  # a clear one-line message for the user errors we raise on purpose
-        from tools.runs import USER_ERRORS
-        if isinstance(e, USER_ERRORS):
-            logging.getLogger("main_pretrain").error("%s: %s", type(e).__name__, e)
-            return 2
-        raise
-    return 0
+
+    return run_cli(job, "main_pretrain")
 
 
 if __name__ == "__main__":

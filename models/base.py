@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from models.masking import MaskStrategy
+from utils.errors import DataError
 
 __all__ = ["TrainHooks", "MaskedAutoencoder", "Classifier", "SegmentationModel", "EncoderTeacher"]
 
@@ -165,6 +166,22 @@ class Classifier(TrainHooks, nn.Module):
 
     def loss_acc(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor, *, epoch: int = 0,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
+        """Engine contract: a batch dict with ``points`` (already sampled and augmented) and ``label``
+        gives ``{"loss", "acc"}``; a bare (B, N, 3) tensor gives the logits."""
+        if isinstance(batch, torch.Tensor):
+            return self.logits(batch)
+        if "label" not in batch:
+            raise KeyError(f"{type(self).__name__}.forward: the batch has no 'label'")
+        logits = self.logits(batch["points"])
+        label = batch["label"]
+        if int(label.min()) < 0 or int(label.max()) >= self.cls_dim:
+            raise DataError(f"labels span [{int(label.min())}, {int(label.max())}] but the head has "
+                            f"cls_dim={self.cls_dim} classes (check model.cls_dim against the data set)")
+        loss, acc = self.loss_acc(logits, label)
+        return {"loss": loss, "acc": acc}
 
 
 class SegmentationModel(TrainHooks, nn.Module):

@@ -27,7 +27,7 @@ from models.base import Classifier
 from models.build import MODELS
 from models.layers import PatchEmbed, PosEmbed, TransformerEncoder
 from models.point_mae import _init_trunc_normal
-from utils.errors import ConfigError, DataError
+from utils.errors import ConfigError
 
 __all__ = ["PointTransformer"]
 
@@ -113,20 +113,3 @@ class PointTransformer(Classifier):
         loss = F.cross_entropy(logits.float(), label, label_smoothing=self.label_smoothing)
         acc = (logits.argmax(-1) == label).float().mean() * 100.0
         return loss, acc.detach()
-
-    # ------------------------------------------------------------------ training
-    def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor, *, epoch: int = 0,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
-        """Engine contract: a batch dict with ``points`` (already sampled and augmented) and ``label``
-        gives ``{"loss", "acc"}``; a bare (B, N, 3) tensor gives the logits."""
-        if isinstance(batch, torch.Tensor):
-            return self.logits(batch)
-        if "label" not in batch:
-            raise KeyError("PointTransformer.forward: the batch has no 'label'")
-        logits = self.logits(batch["points"])
-        label = batch["label"]
-        if int(label.min()) < 0 or int(label.max()) >= self.cls_dim:
-            raise DataError(f"labels span [{int(label.min())}, {int(label.max())}] but the head has "
-                             f"cls_dim={self.cls_dim} classes (check model.cls_dim against the data set)")
-        loss, acc = self.loss_acc(logits, label)
-        return {"loss": loss, "acc": acc}

@@ -29,7 +29,7 @@ from torch import nn
 from models.base import Classifier
 from models.build import MODELS
 from models.point_m2ae import HierarchicalEncoder, M2AEConfig, group_multiscale
-from utils.errors import ConfigError, DataError
+from utils.errors import ConfigError
 
 __all__ = ["PointM2AEClassifier", "PointM2AEModelNet40", "PointM2AEScanObjectNN", "smooth_ce"]
 
@@ -119,20 +119,6 @@ class PointM2AEClassifier(Classifier):
         loss = smooth_ce(logits.float(), label, self.smooth) if self.smooth > 0 else F.cross_entropy(logits.float(), label)
         acc = (logits.argmax(-1) == label).float().mean() * 100.0
         return loss, acc.detach()
-
-    def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor, *, epoch: int = 0,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor] | torch.Tensor:
-        if isinstance(batch, torch.Tensor):
-            return self.logits(batch)
-        if "label" not in batch:
-            raise KeyError(f"{type(self).__name__}.forward: the batch has no 'label'")
-        logits = self.logits(batch["points"])
-        label = batch["label"]
-        if int(label.min()) < 0 or int(label.max()) >= self.cls_dim:
-            raise DataError(f"labels span [{int(label.min())}, {int(label.max())}] but the head has "
-                            f"cls_dim={self.cls_dim} classes (check model.cls_dim against the data set)")
-        loss, acc = self.loss_acc(logits, label)
-        return {"loss": loss, "acc": acc}
 
 
 @MODELS.register("Point_M2AE_ModelNet40", "PointM2AE_ModelNet40")

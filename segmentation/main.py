@@ -13,7 +13,6 @@ best epoch is selected on ``eval.best_metric`` (instance mIoU on the test split,
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -45,19 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tools.runs import USER_ERRORS
+    from tools.runs import run_cli
     from tools.segment import run_segmentation
 
-    try:
-        run_segmentation(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, ckpt=args.finetune,
-                         scratch=args.scratch, test=args.test, vote=args.vote, resume=args.resume,
-                         stop_after_epoch=args.stop_after_epoch)
-    except Exception as e:  # a clear one-line message for the user errors we raise on purpose
-        if isinstance(e, USER_ERRORS):
-            logging.getLogger("segmentation").error("%s: %s", type(e).__name__, e)
-            return 2
-        raise
-    return 0
+    return run_cli(lambda: run_segmentation(
+        args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, ckpt=args.finetune,
+        scratch=args.scratch, test=args.test, vote=args.vote, resume=args.resume,
+        stop_after_epoch=args.stop_after_epoch), "segmentation")
 
 
 if __name__ == "__main__":

@@ -193,22 +193,26 @@ class AccuracyEvaluator:
 
 
 # ---------------------------------------------------------------------------------------- runner
-def build_finetune_model(cfg: Mapping[str, Any], *, ckpt: str | None = None, scratch: bool = False
+def build_finetune_model(cfg: Mapping[str, Any], *, ckpt: str | None = None, scratch: bool = False,
+                         kind: type | None = None, task: str = "fine-tuning"
                          ) -> tuple[nn.Module, dict[str, Any]]:
-    """The config's classifier, with a pre-trained encoder from ``ckpt`` unless ``scratch``."""
-    from tools.pretrained import load_pretrained_encoder
+    """The config's fine-tuning model (a :class:`~models.base.Classifier`, or ``kind``), with a pre-trained
+    encoder from ``ckpt`` unless ``scratch``; ``task`` names the job in error messages."""
+    from models.base import Classifier
     from tools.builders import build_model_from_cfg
+    from tools.pretrained import load_pretrained_encoder
 
+    kind = kind or Classifier
     if bool(ckpt) == bool(scratch):
-        raise ConfigError("fine-tuning needs exactly one of --finetune CKPT (pre-trained encoder) or --scratch "
+        raise ConfigError(f"{task} needs exactly one of --finetune CKPT (pre-trained encoder) or --scratch "
                           "(random initialisation)")
     if cfg["finetune"]["source"] not in ("student", "ema"):
         raise ConfigError(f"finetune.source must be 'student' or 'ema', got {cfg['finetune']['source']!r}")
     torch.manual_seed(int(cfg["seed"]))
     model = build_model_from_cfg(cfg)
-    if not hasattr(model, "logits"):
-        raise ConfigError(f"model.NAME {cfg['model']['NAME']} is not a classifier (no logits method); "
-                          f"use PointTransformer")
+    if not isinstance(model, kind):
+        raise ConfigError(f"model.NAME {cfg['model']['NAME']} is not a {kind.__name__} ({task} needs one), "
+                          f"it is a {type(model).__name__}")
     info: dict[str, Any] = {"init": "scratch"}
     if ckpt:
         info = load_pretrained_encoder(model, ckpt, source=cfg["finetune"]["source"])

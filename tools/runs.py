@@ -26,6 +26,17 @@ log = logging.getLogger(__name__)
 USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, FileNotFoundError)
 
 
+def run_cli(job, name: str) -> int:
+    """Run an entry script's ``job()``: the errors raised on purpose for the user (:data:`USER_ERRORS`)
+    become one logged line and exit code 2; anything else is a bug and keeps its traceback."""
+    try:
+        job()
+    except USER_ERRORS as e:
+        logging.getLogger(name).error("%s: %s", type(e).__name__, e)
+        return 2
+    return 0
+
+
 def prepare_run(config: str, opts: list[str], *, exp_name: str = "default", run_dir: str | None = None,
                 resume: bool = False, kind: str = "pretrain", accept_config_change: bool = False):
     """Load the config, initialise devices / DDP / logging, create, lock and record the run folder.

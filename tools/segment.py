@@ -137,27 +137,18 @@ def vote_seg_metrics(model: nn.Module, dataset: Dataset, *, votes: int, seed: in
 def build_seg_model(cfg: Mapping[str, Any], *, ckpt: str | None = None, scratch: bool = False
                     ) -> tuple[nn.Module, dict[str, Any]]:
     """The config's segmentation model, with a pre-trained encoder from ``ckpt`` unless ``scratch``."""
-    from tools.builders import build_model_from_cfg
-    from tools.pretrained import load_pretrained_encoder
+    from models.base import SegmentationModel
+    from tools.finetune import build_finetune_model
 
-    if bool(ckpt) == bool(scratch):
-        raise ConfigError("segmentation needs exactly one of --finetune CKPT (pre-trained encoder) or --scratch "
-                          "(random initialisation)")
-    if cfg["finetune"]["source"] not in ("student", "ema"):
-        raise ConfigError(f"finetune.source must be 'student' or 'ema', got {cfg['finetune']['source']!r}")
-    torch.manual_seed(int(cfg["seed"]))
-    model = _seg_model(build_model_from_cfg(cfg), cfg)
-    info: dict[str, Any] = {"init": "scratch"}
-    if ckpt:
-        info = load_pretrained_encoder(model, ckpt, source=cfg["finetune"]["source"])
-        info["init"] = str(ckpt)
-    return model, info
+    return build_finetune_model(cfg, ckpt=ckpt, scratch=scratch, kind=SegmentationModel, task="segmentation")
 
 
 def _seg_model(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
-    if not hasattr(model, "seg_logits"):
-        raise ConfigError(f"model.NAME {cfg['model']['NAME']} is not a segmentation model (no seg_logits); "
-                          f"use PointMAE_Seg")
+    from models.base import SegmentationModel
+
+    if not isinstance(model, SegmentationModel):
+        raise ConfigError(f"model.NAME {cfg['model']['NAME']} is not a SegmentationModel (segmentation needs one), "
+                          f"it is a {type(model).__name__}")
     return model
 
 
