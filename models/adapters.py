@@ -22,7 +22,8 @@ Point-M2AE (``ARCH = "point_m2ae"``), canonical encoder names ``h_encoder.*`` (d
   (``mask_token``, ``h_decoder``, ``decoder_pos_embeds``, ``token_prop``, ``decoder_norm``, ``rec_head``),
   the GC branch and the teachers are dropped;
 * fine-tuned: the official ``modelnet40.pth`` / ``scan_*.pth`` and this project's classifier runs:
-  ``h_encoder.*`` without ``encoder_norms``, a top-level ``norm.*`` and the head.
+  ``h_encoder.*`` without ``encoder_norms``, a top-level ``norm.*`` and the head; the part-segmentation
+  model (``models/point_m2ae_seg.py``) keeps ``encoder_norms``, so they load into it from a pre-training file.
 
 As in the official fine-tuning, a pre-trained file's ``encoder_norms`` are not used by a classifier,
 whose ``norm`` starts fresh (it is taken from a fine-tuned file when that file has it).
@@ -211,7 +212,9 @@ class PointM2AEAdapter(CheckpointAdapter):
         return any(k.startswith(("h_encoder.", "ema.h_encoder.")) for k in keys)
 
     def is_pretraining(self, state):
-        return any(k.startswith((self.NORMS, "h_decoder.", "rec_head.")) or k == "mask_token" for k in state)
+        # the decoder marks a pre-training file; encoder_norms alone do not (a fine-tuned seg model has them)
+        return any(k.startswith(("h_decoder.", "rec_head.", "decoder_norm.", "token_prop.")) or k == "mask_token"
+                   for k in state)
 
     def encoder_weights(self, ckpt, *, source="student", where="<checkpoint>"):
         sd = self.state(ckpt, where)
