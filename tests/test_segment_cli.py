@@ -103,3 +103,32 @@ def test_bad_config_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "eval.best_metric is 'test_acc1'; segmentation produces test_miou_i" in r.stdout + r.stderr
     r = seg("--config", cfg, "--scratch", "--run_dir", tmp_path / "y", "model.num_parts=10")
     assert r.returncode == 2 and "model.num_parts is 10" in r.stdout + r.stderr
+
+
+def test_point_m2ae_segmentation_finetunes_from_a_pretraining_file_on_the_default_data(tmp_path):
+    """The Point-M2AE head through the same runner: a tiny official-layout Point-M2AE file in, mIoU out."""
+    from models.point_m2ae import PointM2AE
+
+    enc = {"group_sizes": [8, 4, 4], "num_groups": [32, 16, 8], "encoder_depths": [1, 1, 1],
+           "encoder_dims": [16, 32, 64], "num_heads": 2}
+    torch.manual_seed(0)
+    pre = PointM2AE(**enc, decoder_depths=[1, 1], decoder_dims=[64, 32])
+    atomic_save({"base_model": {f"module.{k}": v for k, v in pre.state_dict().items()}}, tmp_path / "m2ae.pth")
+    data = {"train": {"NAME": "SyntheticShapes", "subset": "train", "npoints": 64, "base_points": 128,
+                      "num_classes": 3, "samples_per_class": 4},
+            "test": {"NAME": "SyntheticShapes", "subset": "test", "npoints": 64, "base_points": 128,
+                     "num_classes": 3, "test_per_class": 2}}
+    paper = yaml.safe_load((REPO / "cfgs/segmentation/point_m2ae_gm3d_shapenetpart.yaml").read_text())
+    cfg = write_cfg(tmp_path, "cfgs/segmentation/quickstart_seg.yaml", dataset=data, max_epoch=1)
+    own = yaml.safe_load(cfg.read_text())
+    del own["_base_"]   # the Point-M2AE model and the paper config's protocol, on the default data
+    own.update(model={**paper["model"], **enc, "num_parts": 52, "fp_mlp": [32, 32], "head_dims": [32, 16, 16]},
+               eval=paper["eval"], augment=paper["augment"])
+    cfg.write_text(yaml.safe_dump(own, sort_keys=False))
+    run = tmp_path / "run"
+    r = seg("--config", cfg, "--finetune", tmp_path / "m2ae.pth", "--run_dir", run)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["init"].endswith("m2ae.pth")
+    assert not any(k.startswith("h_encoder.") for k in summary["left_at_init"])   # the whole encoder loaded
+    assert "test_miou_c" in metrics(run)[-1] and "test_miou_i" in metrics(run)[-1]
