@@ -123,24 +123,3 @@ class PointMAESegmentation(SegmentationModel):
         x = self.dp1(F.relu(self.bns1(self.convs1(x))))
         x = F.relu(self.bns2(self.convs2(x)))
         return self.convs3(x).transpose(1, 2)
-
-    def loss_acc(self, logits: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy over all points (= the official NLL of log-softmax) and point accuracy in percent."""
-        seg = seg.long()
-        loss = F.cross_entropy(logits.float().reshape(-1, self.num_parts), seg.reshape(-1))
-        acc = (logits.argmax(-1) == seg).float().mean() * 100.0
-        return loss, acc.detach()
-
-    def forward(self, batch: dict[str, torch.Tensor], *, epoch: int = 0,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Engine contract: ``points`` (B, N, 3), ``seg`` (B, N), ``category`` (B,) -> ``{"loss", "acc"}``."""
-        for key in ("points", "seg", "category"):
-            if key not in batch:
-                raise KeyError(f"PointMAE_Seg.forward: the batch has no '{key}'")
-        seg = batch["seg"]
-        if int(seg.min()) < 0 or int(seg.max()) >= self.num_parts:
-            raise DataError(f"part labels span [{int(seg.min())}, {int(seg.max())}] but the model predicts "
-                            f"num_parts={self.num_parts} (check model.num_parts against the data set)")
-        logits = self.seg_logits(batch["points"], batch["category"])
-        loss, acc = self.loss_acc(logits, seg)
-        return {"loss": loss, "acc": acc}
