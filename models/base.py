@@ -92,6 +92,10 @@ class MaskedAutoencoder(TrainHooks, nn.Module):
         """
         raise NotImplementedError
 
+    def decode_masked(self, groups: Any, mask: torch.Tensor, encoded: Any) -> torch.Tensor:
+        """``f_hat`` of :meth:`reconstruct_masked` without the point head (GM3D variant B). Optional."""
+        raise NotImplementedError
+
     def extract_features(self, points: torch.Tensor) -> torch.Tensor:
         """(B, N, 3) complete clouds -> (B, C) pooled feature of the frozen encoder (linear SVM)."""
         raise NotImplementedError

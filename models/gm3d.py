@@ -155,9 +155,11 @@ class GM3D(MaskedAutoencoder):
                 raise ConfigError(f"knowledge_teacher must be an EncoderTeacher, got {type(kt).__name__}")
             if kt.token_dim != C:
                 raise ConfigError(f"knowledge teacher width {kt.token_dim} != student width {C}")
-            if gc.variant == "B" and type(kt).point_head_loss is EncoderTeacher.point_head_loss:
-                raise ConfigError(f"gm3d.variant B needs a knowledge teacher with a point head; "
-                                  f"{type(kt).__name__} has none (use variant C)")
+            if gc.variant == "B" and (type(kt).point_head_loss is EncoderTeacher.point_head_loss
+                                      or type(student).decode_masked is MaskedAutoencoder.decode_masked):
+                raise ConfigError(f"gm3d.variant B needs a knowledge teacher with a point head and a student "
+                                  f"with decode_masked; {type(kt).__name__} / {type(student).__name__} lack one "
+                                  f"(use variant C)")
             self.knowledge_teacher: EncoderTeacher | None = kt.freeze()
         else:
             self.knowledge_teacher = None
@@ -302,13 +304,17 @@ class GM3D(MaskedAutoencoder):
         g = self.gcfg
         self._check_teacher()
         B, M = mask.shape[0], int(mask[0].sum())
-        f_hat, l_p = self.student.reconstruct_masked(groups, mask, encoded)
-        if g.variant == "A":
-            return f_hat, l_p, None, l_p.detach()
-        with torch.no_grad():
-            f_t = self.knowledge_teacher.encode_full(groups)[mask].view(B, M, -1)
-            if g.variant == "B":
+        if g.variant == "B":  # the point term comes from the knowledge teacher's head: no student point head
+            f_hat = self.student.decode_masked(groups, mask, encoded)
+            with torch.no_grad():
+                f_t = self.knowledge_teacher.encode_full(groups)[mask].view(B, M, -1)
                 l_p = self.knowledge_teacher.point_head_loss(f_hat.detach(), f_t, self.student.loss_fn)
+        else:
+            f_hat, l_p = self.student.reconstruct_masked(groups, mask, encoded)
+            if g.variant == "A":
+                return f_hat, l_p, None, l_p.detach()
+            with torch.no_grad():
+                f_t = self.knowledge_teacher.encode_full(groups)[mask].view(B, M, -1)
         l_f = normalized_mse(f_hat, f_t)                                                      # (B, M)
         return f_hat, l_p, l_f, (l_f + l_p).detach()
 
@@ -320,11 +326,11 @@ class GM3D(MaskedAutoencoder):
 
     def masked_view(self, groups, *, epoch: int, generator: torch.Generator | None = None, need_scores=None):
         """The teacher's scores (or None) and the GM3D mask for ``groups`` at ``epoch``."""
-        G = self.student.mask_centers(groups).shape[1]
-        n_sel = self.masker.num_selected(epoch, G)
+        centers = self.student.mask_centers(groups)
+        n_sel = self.masker.num_selected(epoch, centers.shape[1])
         want = (n_sel > 0 or self.training) if need_scores is None else need_scores
         scores = self.teacher_scores(groups) if want else None
-        mask = self.masker(self.student.mask_centers(groups), generator=generator, epoch=epoch, scores=scores)
+        mask = self.masker(centers, generator=generator, epoch=epoch, scores=scores)
         return scores, mask
 
     def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor, *, epoch: int = 0,

@@ -262,9 +262,12 @@ class PointMAE(MaskedAutoencoder):
         return self.decoder_pos_embed(torch.cat([center[~mask].view(B, n_vis, 3),
                                                  center[mask].view(B, G - n_vis, 3)], 1))
 
+    def decode_masked(self, groups: Patches, mask: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        return self.decode(encoded, groups.center, mask, self.mask_token, self.MAE_decoder, int(mask[0].sum()))
+
     def reconstruct_masked(self, groups: Patches, mask: torch.Tensor, encoded: torch.Tensor):
         B, M, K = mask.shape[0], int(mask[0].sum()), self.group_size
-        f_hat = self.decode(encoded, groups.center, mask, self.mask_token, self.MAE_decoder, M)
+        f_hat = self.decode_masked(groups, mask, encoded)
         pred = self.reconstruct(f_hat).reshape(B * M, K, 3).float()
         target = groups.neighborhood[mask].view(B * M, K, 3).float()
         return f_hat, self.loss_fn(pred, target, reduction="none").view(B, M)
