@@ -85,6 +85,15 @@ class CheckpointAdapter:
         ``n_encoder``, and ``extra``: non-encoder tensors a fine-tune model may reuse)."""
         raise NotImplementedError
 
+    def _result(self, out, extra, dropped, unknown, layout, sd, where):
+        """``(encoder, info)`` of :meth:`encoder_weights`, after refusing keys of an unknown kind."""
+        if unknown:
+            raise CheckpointError(f"{where} ({layout}): keys of an unknown kind, refusing to guess: "
+                                  f"{show_keys(unknown, 10)}.{self.guess_architecture(sd)}")
+        info = {"layout": layout, "dropped": {k: v for k, v in dropped.items() if v}, "n_encoder": len(out),
+                "extra": extra}
+        return out, info
+
     def is_pretraining(self, state: Mapping[str, torch.Tensor]) -> bool:
         """True for a pre-training layout (prefix-stripped keys)."""
         raise NotImplementedError
@@ -168,12 +177,7 @@ class PointMAEAdapter(CheckpointAdapter):
                 f"{where}: no Point-MAE encoder weights found: expected keys under MAE_encoder.* (pre-training) "
                 f"or encoder.* / blocks.blocks.* (fine-tuning), after removing module. / base_model. prefixes. "
                 f"The checkpoint has: {show_keys(sd, 10)}.{self.guess_architecture(sd)}")
-        if unknown:
-            raise CheckpointError(f"{where} ({layout}): keys of an unknown kind, refusing to guess: "
-                                  f"{show_keys(unknown, 10)}.{self.guess_architecture(sd)}")
-        info = {"layout": layout, "dropped": {k: v for k, v in dropped.items() if v}, "n_encoder": len(out),
-                "extra": extra}
-        return out, info
+        return self._result(out, extra, dropped, unknown, layout, sd, where)
 
     def is_pretraining(self, state):
         return any(k.startswith("MAE_encoder.") for k in state)
@@ -245,12 +249,7 @@ class PointM2AEAdapter(CheckpointAdapter):
                 dropped["pre-training only"].append(k)
             else:
                 unknown.append(k)
-        if unknown:
-            raise CheckpointError(f"{where} ({layout}): keys of an unknown kind, refusing to guess: "
-                                  f"{show_keys(unknown, 10)}.{self.guess_architecture(sd)}")
-        info = {"layout": layout, "dropped": {k: v for k, v in dropped.items() if v}, "n_encoder": len(out),
-                "extra": extra}
-        return out, info
+        return self._result(out, extra, dropped, unknown, layout, sd, where)
 
     def finetune_state(self, model, ckpt, *, source="student", where="<checkpoint>"):
         """The encoder for a fine-tuning model; the pre-training ``encoder_norms`` are dropped when the

@@ -79,6 +79,12 @@ class M2AEConfig:
     decoder_dims: list[int] = field(default_factory=lambda: [384, 192])
     decoder_up_blocks: list[int] = field(default_factory=lambda: [1, 1])
 
+    @classmethod
+    def from_args(cls, where: str = "model", decoder: bool = True, **kwargs) -> "M2AEConfig":
+        """A validated config from a model's constructor arguments (None = the official default)."""
+        given = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in kwargs.items() if v is not None}
+        return cls(**given).validate(where, decoder)
+
     def validate(self, where: str = "model", decoder: bool = True) -> "M2AEConfig":
         S = len(self.num_groups)
         for name in ("group_sizes", "encoder_depths", "encoder_dims", "local_radius"):
@@ -392,12 +398,11 @@ class PointM2AE(MaskedAutoencoder):
                  mask: dict | None = None, local_attention_in_pretrain: bool = False,
                  official_index0: bool = False):
         super().__init__()
-        given = {k: v for k, v in dict(group_sizes=group_sizes, num_groups=num_groups, encoder_depths=encoder_depths,
-                                       encoder_dims=encoder_dims, local_radius=local_radius,
-                                       decoder_depths=decoder_depths, decoder_dims=decoder_dims,
-                                       decoder_up_blocks=decoder_up_blocks).items() if v is not None}
-        cfg = M2AEConfig(**{k: list(v) for k, v in given.items()}, num_heads=num_heads,
-                         drop_path_rate=drop_path_rate).validate()
+        cfg = M2AEConfig.from_args(group_sizes=group_sizes, num_groups=num_groups, encoder_depths=encoder_depths,
+                                   encoder_dims=encoder_dims, local_radius=local_radius,
+                                   decoder_depths=decoder_depths, decoder_dims=decoder_dims,
+                                   decoder_up_blocks=decoder_up_blocks, num_heads=num_heads,
+                                   drop_path_rate=drop_path_rate)
         tc = {} if mask_ratio is None else {"mask_ratio": mask_ratio}
         m = dict(mask or {})
         if mask_ratio is None and "ratio" not in m:

@@ -67,10 +67,9 @@ class PointM2AEClassifier(Classifier):
                  decoder_depths: list[int] | None = None, decoder_dims: list[int] | None = None,
                  decoder_up_blocks: list[int] | None = None):
         super().__init__()
-        given = {k: list(v) for k, v in dict(group_sizes=group_sizes, num_groups=num_groups,
-                                             encoder_depths=encoder_depths, encoder_dims=encoder_dims,
-                                             local_radius=local_radius).items() if v is not None}
-        cfg = M2AEConfig(**given, num_heads=num_heads, drop_path_rate=drop_path_rate).validate(decoder=False)
+        cfg = M2AEConfig.from_args(decoder=False, group_sizes=group_sizes, num_groups=num_groups,
+                                   encoder_depths=encoder_depths, encoder_dims=encoder_dims,
+                                   local_radius=local_radius, num_heads=num_heads, drop_path_rate=drop_path_rate)
         if cls_dim < 1:
             raise ConfigError(f"{type(self).__name__}: cls_dim must be >= 1, got {cls_dim}")
         if pooling not in ("sum", "concat"):

@@ -71,11 +71,9 @@ class PointM2AESegmentation(SegmentationModel):
                  decoder_depths: list[int] | None = None, decoder_dims: list[int] | None = None,
                  decoder_up_blocks: list[int] | None = None):
         super().__init__()
-        given = {k: list(v) for k, v in dict(group_sizes=group_sizes, num_groups=num_groups,
-                                             encoder_depths=encoder_depths, encoder_dims=encoder_dims,
-                                             local_radius=local_radius).items() if v is not None}
-        cfg = M2AEConfig(**given, num_heads=num_heads, drop_path_rate=drop_path_rate).validate(
-            "Point_M2AE_Seg", decoder=False)
+        cfg = M2AEConfig.from_args("Point_M2AE_Seg", decoder=False, group_sizes=group_sizes, num_groups=num_groups,
+                                   encoder_depths=encoder_depths, encoder_dims=encoder_dims,
+                                   local_radius=local_radius, num_heads=num_heads, drop_path_rate=drop_path_rate)
         if num_parts < 1 or num_categories < 1:
             raise ConfigError(f"Point_M2AE_Seg: num_parts ({num_parts}) and num_categories ({num_categories}) "
                               f"must be >= 1")
