@@ -241,6 +241,22 @@ def _check_classes(model: nn.Module, dataset: Dataset, what: str, allow_wider_he
                      what, n, cls_dim)
 
 
+def vote_last_and_best(summary: dict[str, Any], out: Path, model: nn.Module, rebuild: Callable[[], nn.Module],
+                       device: torch.device, score: Callable[[nn.Module], Any]) -> None:
+    """``summary['vote_last']``: ``score`` of the last-epoch ``model``; ``summary['vote_best']``: of
+    ``<out>/ckpt-best.pth`` loaded into ``rebuild()`` (the last epoch's value when it is the best)."""
+    from tools.pretrained import load_finetuned
+
+    summary["vote_last"] = score(model)
+    best_path = out / "ckpt-best.pth"
+    if best_path.exists() and summary.get("best_epoch") != summary.get("last_epoch"):
+        best_model = rebuild()
+        load_finetuned(best_model, best_path)
+        summary["vote_best"] = score(best_model.to(device))
+    else:
+        summary["vote_best"] = summary["vote_last"]
+
+
 def _vote_report(model, test_set, cfg, device) -> dict[str, float]:
     from tools.builders import build_transform
 
@@ -309,14 +325,8 @@ def run_finetune(config: str, opts: list[str], *, exp_name: str = "default", run
     summary["test_acc_at_best"] = best.get("test_acc")
     if do_vote and dist.is_main_process():
         summary["votes"] = int(fc.votes)
-        summary["vote_last"] = _vote_report(model, test_set, cfg, device)["vote_acc"]
-        best_path = out / "ckpt-best.pth"
-        if best_path.exists() and summary.get("best_epoch") != summary.get("last_epoch"):
-            best_model = build_model_from_cfg(cfg)
-            load_finetuned(best_model, best_path)
-            summary["vote_best"] = _vote_report(best_model.to(device), test_set, cfg, device)["vote_acc"]
-        else:
-            summary["vote_best"] = summary["vote_last"]
+        vote_last_and_best(summary, out, model, lambda: build_model_from_cfg(cfg), device,
+                           lambda m: _vote_report(m, test_set, cfg, device)["vote_acc"])
     if dist.is_main_process():
         _report(summary, out, "summary.json")
     dist.cleanup()

@@ -169,6 +169,7 @@ def run_segmentation(config: str, opts: list[str], *, exp_name: str = "default",
     ``stop_after_epoch``: leave after that epoch (checkpoint written), to continue with ``resume``."""
     from tools.builders import build_model_from_cfg, build_split, build_transform
     from tools.engine import Trainer
+    from tools.finetune import vote_last_and_best
     from tools.pretrained import load_finetuned
     from tools.runs import prepare_run
     from utils import dist
@@ -228,15 +229,8 @@ def run_segmentation(config: str, opts: list[str], *, exp_name: str = "default",
     summary["at_best"] = {k: best.get(k) for k in SEG_METRICS if k in best}
     if do_vote and dist.is_main_process():
         summary["votes"] = int(fc.votes)
-        summary["vote_last"] = vote_seg_metrics(model, test_set, num_parts=model.num_parts, **vote_kw)
-        best_path = out / "ckpt-best.pth"
-        if best_path.exists() and summary.get("best_epoch") != summary.get("last_epoch"):
-            best_model = _seg_model(build_model_from_cfg(cfg), cfg)
-            load_finetuned(best_model, best_path)
-            summary["vote_best"] = vote_seg_metrics(best_model.to(device), test_set, num_parts=model.num_parts,
-                                                    **vote_kw)
-        else:
-            summary["vote_best"] = summary["vote_last"]
+        vote_last_and_best(summary, out, model, lambda: _seg_model(build_model_from_cfg(cfg), cfg), device,
+                           lambda m: vote_seg_metrics(m, test_set, num_parts=model.num_parts, **vote_kw))
     if dist.is_main_process():
         _report(summary, out, "summary.json")
     dist.cleanup()
