@@ -22,16 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from tools.cli import OVERRIDES_HELP, add_data_args, parse_with_overrides
+    from tools.cli import OVERRIDES_HELP, add_data_args, add_init_args, check_init_args, parse_with_overrides
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="fine-tuning YAML, e.g. cfgs/finetune/modelnet40.yaml")
-    init = p.add_mutually_exclusive_group()
-    init.add_argument("--finetune", metavar="CKPT", default=None,
-                      help="pre-trained checkpoint whose encoder initialises the classifier")
-    init.add_argument("--scratch", action="store_true", help="train from a random initialisation")
-    init.add_argument("--test", metavar="CKPT", default=None,
-                      help="only evaluate this fine-tuned checkpoint (official or ours, strict key check)")
+    add_init_args(p, "classifier",
+                  "only evaluate this fine-tuned checkpoint (official or ours, strict key check)")
     p.add_argument("--vote", action="store_true", help="also report voting accuracy (finetune.votes votes)")
     p.add_argument("--fewshot", action="store_true", help="run the few-shot settings x folds of the config")
     p.add_argument("--way", type=int, default=None, help="few-shot: only this way")
@@ -50,10 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--fewshot does not combine with --test, --vote or --resume (a few-shot run resumes by itself)")
     if not args.fewshot and (args.way is not None or args.shot is not None or args.fold is not None):
         p.error("--way / --shot / --fold need --fewshot")
-    if not (args.finetune or args.scratch or args.test or args.resume):
-        p.error("say how to initialise: --finetune CKPT, --scratch, or --test CKPT (or --resume)")
-    if args.resume and (args.finetune or args.scratch or args.test):
-        p.error("--resume continues a run with its own weights; drop --finetune / --scratch / --test")
+    check_init_args(p, args)
     return args
 
 

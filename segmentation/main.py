@@ -22,11 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="segmentation YAML, e.g. cfgs/segmentation/quickstart_seg.yaml")
-    init = p.add_mutually_exclusive_group()
-    init.add_argument("--finetune", metavar="CKPT", default=None,
-                      help="pre-trained checkpoint whose encoder initialises the model")
-    init.add_argument("--scratch", action="store_true", help="train from a random initialisation")
-    init.add_argument("--test", metavar="CKPT", default=None, help="only evaluate this segmentation checkpoint")
+    from tools.cli import add_init_args, check_init_args
+
+    add_init_args(p, "model", "only evaluate this segmentation checkpoint")
     p.add_argument("--vote", action="store_true", help="also report voting mIoU (finetune.votes votes)")
     p.add_argument("--exp_name", default="default", help="run folder name under experiments/<config stem>/")
     p.add_argument("--run_dir", default=None, help="explicit run folder (overrides --exp_name)")
@@ -35,10 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="leave after this epoch (checkpoint written); continue with --resume")
     p.add_argument("opts", nargs="*", help="config overrides, e.g. max_epoch=10 optimizer.kwargs.lr=1e-4")
     args = p.parse_args(argv)
-    if not (args.finetune or args.scratch or args.test or args.resume):
-        p.error("say how to initialise: --finetune CKPT, --scratch, or --test CKPT (or --resume)")
-    if args.resume and (args.finetune or args.scratch or args.test):
-        p.error("--resume continues a run with its own weights; drop --finetune / --scratch / --test")
+    check_init_args(p, args)
     return args
 
 

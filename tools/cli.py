@@ -38,6 +38,23 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "ModelNet cache (default: the raw files' size, at most 8192)")
 
 
+def add_init_args(p: argparse.ArgumentParser, model: str, test_help: str) -> None:
+    """How a fine-tuning run starts: ``--finetune CKPT`` | ``--scratch`` | ``--test CKPT`` (one of them)."""
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--finetune", metavar="CKPT", default=None,
+                      help=f"pre-trained checkpoint whose encoder initialises the {model}")
+    init.add_argument("--scratch", action="store_true", help="train from a random initialisation")
+    init.add_argument("--test", metavar="CKPT", default=None, help=test_help)
+
+
+def check_init_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exactly one way to start, or ``--resume`` alone (an argparse error otherwise)."""
+    if not (args.finetune or args.scratch or args.test or args.resume):
+        p.error("say how to initialise: --finetune CKPT, --scratch, or --test CKPT (or --resume)")
+    if args.resume and (args.finetune or args.scratch or args.test):
+        p.error("--resume continues a run with its own weights; drop --finetune / --scratch / --test")
+
+
 def parse_with_overrides(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the options; every other token of the form ``key=value`` is a config override (``ns.opts``,
     in order), wherever it stands. Anything else left over is the usual argparse error."""
