@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 TINY_TC = {"mask_ratio": 0.6, "mask_type": "rand", "trans_dim": 48, "encoder_dims": 48, "depth": 2,
            "drop_path_rate": 0.1, "num_heads": 3, "decoder_depth": 1, "decoder_num_heads": 3}
 
@@ -22,3 +24,22 @@ def official_point_mae_keys(depth: int = 12, decoder_depth: int = 4) -> set[str]
     keys |= {f"MAE_encoder.blocks.blocks.{i}.{b}" for i in range(depth) for b in block}
     keys |= {f"MAE_decoder.blocks.{i}.{b}" for i in range(decoder_depth) for b in block}
     return keys
+
+
+def assert_ema_update(m) -> None:
+    """After perturbing the student of GM3D model ``m``, one ``after_step`` at decay 0.9 moves every float
+    tensor of its EMA teacher to ``0.9 * teacher + 0.1 * student`` and copies the integer ones."""
+    m.ema_decay = 0.9
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    before = {k: v.clone() for k, v in m.ema.state_dict().items()}
+    student = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("ema.")}
+    m.after_step()
+    after = m.ema.state_dict()
+    for k, v in before.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(after[k], 0.9 * v + 0.1 * student[k], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(after[k], student[k])
