@@ -24,7 +24,7 @@ from models.adapters import adapter_for
 from models.base import EncoderTeacher
 from tools import checkpoint as ckpt_io
 from utils.errors import CheckpointError
-from utils.state_dict import load_state_dict_checked, show_keys, strip_prefixes
+from utils.state_dict import load_state_dict_checked, show_keys
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,7 @@ def load_start_checkpoint(model: nn.Module, path: str | Path) -> dict[str, Any]:
     Returns:
         ``{"loaded": n, "new": sorted keys left at init, "ignored": sorted keys of the file not used}``.
     """
-    ckpt = ckpt_io.load_file(path)
-    raw = ckpt_io.extract_state_dict(ckpt, path)
-    sd = {strip_prefixes(k): v for k, v in raw.items()}
+    sd = adapter_for(model).state(ckpt_io.load_file(path), str(path))
     own = model.state_dict()
     student = getattr(model, "student", None)
     if student is None:  # a plain backbone: every key, exactly
@@ -106,7 +104,8 @@ def load_start_checkpoint(model: nn.Module, path: str | Path) -> dict[str, Any]:
     gc_keys = {k for k in own if k not in student_keys and not k.startswith(("ema.", "knowledge_teacher."))}
     has_gc = any(k in sd for k in gc_keys)
     has_ema = any(k.startswith("ema.") for k in sd)
-    wanted = student_keys | (gc_keys if has_gc else set()) | ({k for k in own if k.startswith("ema.")} if has_ema else set())
+    ema_keys = {k for k in own if k.startswith("ema.")}
+    wanted = student_keys | (gc_keys if has_gc else set()) | (ema_keys if has_ema else set())
     ignored = sorted(k for k in sd if k.startswith("knowledge_teacher."))
     state = {k: v for k, v in sd.items() if not k.startswith("knowledge_teacher.")}
     allowed_missing = set(own) - wanted

@@ -26,10 +26,10 @@ def mask_generator(seed: int) -> torch.Generator:
 
 
 def random_masker(masker):
-    """A GM3D masker with the same ratio but no score curriculum: a plain random mask."""
+    """A GM3D masker with the same ratio and masked count but no score curriculum: a plain random mask."""
     from models.masking import GM3DMask
 
-    return GM3DMask(masker.ratio, alpha_max=0.0)
+    return GM3DMask(masker.ratio, alpha_max=0.0, count=masker.count)
 
 
 def patch_of_point(points: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
