@@ -98,8 +98,10 @@ class CheckpointAdapter:
         """True for a pre-training layout (prefix-stripped keys)."""
         raise NotImplementedError
 
-    def teacher_state(self, ckpt: Mapping[str, Any], *, where: str = "<checkpoint>") -> dict[str, torch.Tensor]:
-        """Weights for this architecture's knowledge teacher (:class:`~models.base.EncoderTeacher`)."""
+    def teacher_state(self, ckpt: Mapping[str, Any], *, where: str = "<checkpoint>", with_decoder: bool = False
+                      ) -> dict[str, torch.Tensor]:
+        """Weights for this architecture's knowledge teacher (:class:`~models.base.EncoderTeacher`);
+        ``with_decoder`` adds the pre-training decoder and point head (GM3D variant B)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- fine-tuning models
@@ -132,11 +134,13 @@ class PointMAEAdapter(CheckpointAdapter):
     PRETRAIN_ONLY = (
         "mask_token", "decoder_pos_embed.", "MAE_decoder.", "increase_dim.",          # Point-MAE decoder
         "MAE_decoder_loss_pred.", "mask_token_loss_pred", "increase_dim_2.",           # GM3D GC branch
+        "gc_content.", "gc_position.", "ema_num_updates",                              # GM3D options
         "ema.", "knowledge_teacher.",                                                  # GM3D teachers
     )
     # keys of a Point-MAE pre-training model that a knowledge teacher never uses
     TEACHER_UNUSED = ("mask_token", "decoder_pos_embed.", "MAE_decoder.", "MAE_decoder_loss_pred.",
-                      "mask_token_loss_pred", "increase_dim_2.", "ema.", "knowledge_teacher.")
+                      "mask_token_loss_pred", "increase_dim_2.", "gc_content.", "gc_position.", "ema_num_updates",
+                      "ema.", "knowledge_teacher.")
 
     def recognises(self, keys: Iterable[str]) -> bool:
         return any(k.startswith(("MAE_encoder.", "ema.MAE_encoder.", "blocks.blocks.")) for k in keys)
@@ -182,14 +186,16 @@ class PointMAEAdapter(CheckpointAdapter):
     def is_pretraining(self, state):
         return any(k.startswith("MAE_encoder.") for k in state)
 
-    def teacher_state(self, ckpt, *, where: str = "<checkpoint>") -> dict[str, torch.Tensor]:
+    def teacher_state(self, ckpt, *, where: str = "<checkpoint>", with_decoder: bool = False
+                      ) -> dict[str, torch.Tensor]:
         """Weights for the Point-MAE knowledge teacher (``MAE_encoder.*`` and ``increase_dim.*`` of a
-        pre-training file); the other pre-training keys are dropped, anything else is an error."""
+        pre-training file, plus ``decoder_pos_embed.*`` and ``MAE_decoder.*`` ``with_decoder``); the other
+        pre-training keys are dropped, anything else is an error."""
         sd = self.state(ckpt, where)
         if not any(k.startswith("MAE_encoder.") for k in sd):
             raise CheckpointError(f"{where}: a knowledge teacher needs a Point-MAE pre-training checkpoint "
                                   f"(MAE_encoder.* keys); it has {show_keys(sd, 10)}.{self.guess_architecture(sd)}")
-        keep = ("MAE_encoder.", "increase_dim.")
+        keep = ("MAE_encoder.", "increase_dim.") + (("decoder_pos_embed.", "MAE_decoder.") if with_decoder else ())
         unknown = [k for k in sd if not k.startswith(keep + self.TEACHER_UNUSED)]
         if unknown:
             raise CheckpointError(f"{where}: unexpected keys for a Point-MAE knowledge teacher: {show_keys(unknown)}")
@@ -209,6 +215,7 @@ class PointM2AEAdapter(CheckpointAdapter):
     PRETRAIN_ONLY = (
         "mask_token", "h_decoder.", "decoder_pos_embeds.", "token_prop.", "decoder_norm.", "rec_head.",  # decoder
         "MAE_decoder_loss_pred.", "mask_token_loss_pred", "increase_dim_2.",                           # GM3D GC
+        "gc_content.", "gc_position.", "ema_num_updates",                                              # options
         "ema.", "knowledge_teacher.",                                                                  # teachers
     )
 
@@ -264,7 +271,8 @@ class PointM2AEAdapter(CheckpointAdapter):
             info["n_encoder"] -= len(norms)
         return enc, info
 
-    def teacher_state(self, ckpt, *, where: str = "<checkpoint>") -> dict[str, torch.Tensor]:
+    def teacher_state(self, ckpt, *, where: str = "<checkpoint>", with_decoder: bool = False
+                      ) -> dict[str, torch.Tensor]:
         """Weights for the Point-M2AE knowledge teacher: ``h_encoder.*`` (with ``encoder_norms``) of a
         pre-training file; the other pre-training keys are dropped, anything else is an error."""
         sd = self.state(ckpt, where)

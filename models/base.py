@@ -69,6 +69,12 @@ class MaskedAutoencoder(TrainHooks, nn.Module):
         """(B, G, 3) centres of the mask-scale patches; a mask is a (B, G) bool over them."""
         raise NotImplementedError
 
+    def mask_scale_patches(self, groups: Any) -> torch.Tensor:
+        """(B, G, K, 3) centre-relative points of the mask-scale patches (GM3D's content scorer and its
+        patch-size normalisation read them). Optional."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its mask-scale patch points "
+                                  f"(mask_scale_patches), which gm3d.gc_scorer: content and gc_chamfer_norm need")
+
     def encode(self, groups: Any, mask: torch.Tensor | None = None) -> Any:
         """Encode the visible patches (all of them when ``mask`` is None); the result is opaque."""
         raise NotImplementedError
@@ -111,9 +117,11 @@ class MaskedAutoencoder(TrainHooks, nn.Module):
     def params_without_grad(self) -> tuple[str, ...]:
         return self.PARAMS_WITHOUT_GRAD
 
-    def build_knowledge_teacher(self, teacher_model: dict | None = None) -> "EncoderTeacher":
+    def build_knowledge_teacher(self, teacher_model: dict | None = None, with_decoder: bool = False
+                                ) -> "EncoderTeacher":
         """A frozen, weightless copy of this backbone's encoder (its weights come from a checkpoint
-        through the adapter, outside the model). ``teacher_model`` overrides the architecture."""
+        through the adapter, outside the model). ``teacher_model`` overrides the architecture;
+        ``with_decoder`` adds the pre-training decoder and point head (GM3D variant B)."""
         raise NotImplementedError
 
 
@@ -146,9 +154,11 @@ class EncoderTeacher(nn.Module):
         """(B, G, C) mask-scale tokens of the complete cloud."""
         raise NotImplementedError
 
-    def point_head_loss(self, f_hat: torch.Tensor, f_t: torch.Tensor, loss_fn) -> torch.Tensor:
-        """GM3D variant B's point term, (B, M): the teacher's point head on the student's decoded mask
-        tokens ``f_hat`` against the same head on its own features ``f_t``. Optional."""
+    def point_head_loss(self, groups: Any, mask: torch.Tensor, f_hat: torch.Tensor, f_full: torch.Tensor,
+                        loss_fn) -> torch.Tensor:
+        """GM3D variant B's point term, (B, M): the teacher's decoder and point head applied to the
+        student's decoded mask tokens ``f_hat`` (B, M, C), against the same decoder and head applied to
+        its own complete-cloud features ``f_full`` (B, G, C), taken at the masked patches. Optional."""
         raise NotImplementedError
 
 

@@ -71,6 +71,23 @@ class GM3DConfig:
             loaded by the builder; null turns KD off (variant A) with a warning.
         teacher_model: architecture of the knowledge teacher (the backbone's ``transformer_config``;
             default: the student's).
+        ema_bn: BatchNorm running statistics of the EMA teacher: ``average`` (official: EMA-averaged
+            like the weights, so a short run keeps much of the initial running_var of 1) or ``copy``
+            (copied from the student after every step).
+        ema_warmup: use ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (off = official), so a
+            short run's teacher does not keep its random initialisation.
+        gc_target: what the GC scorer learns to rank: ``sum`` (official: ``l_p + l_f``), ``zscore``
+            (each term z-scored over a sample's masked patches, then summed) or ``weighted``
+            (``lambda_point l_p + lambda_feat l_f``, the terms' weights in the loss).
+        gc_chamfer_norm: divide the point term of the GC target by the patch's size (mean squared
+            distance of its points to the centre), so that it measures shape, not scale.
+        gc_scorer: who scores the patches: ``decoder`` (official: the GC transformer decoder at mask
+            tokens, which never sees the masked patch), ``content`` (a small PointNet on the patch's own
+            points, trained on the masked patches), ``position`` (an MLP of the patch centre: the
+            position-only baseline) or ``oracle`` (the student's true per-patch error, measured with
+            extra no-grad passes under complementary random masks; no GC loss).
+        official_init: the official GM3D initialisation (the encoder keeps PyTorch's default init, the
+            mask tokens start at zero) instead of the project's trunc-normal / Point-MAE init.
     """
 
     variant: Literal["A", "B", "C"] = "C"
@@ -84,6 +101,12 @@ class GM3DConfig:
     ema_ramp_epochs: int = 100
     teacher_ckpt: str | None = None
     teacher_model: dict | None = None
+    ema_bn: Literal["average", "copy"] = "average"
+    ema_warmup: bool = False
+    gc_target: Literal["sum", "zscore", "weighted"] = "sum"
+    gc_chamfer_norm: bool = False
+    gc_scorer: Literal["decoder", "content", "position", "oracle"] = "decoder"
+    official_init: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, where: str = "model.gm3d") -> "GM3DConfig":
@@ -107,6 +130,39 @@ class GCHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, G, C) decoded tokens -> (B, G) scores."""
         return self.net(x.transpose(1, 2)).mean(1)
+
+
+class ContentScorer(nn.Module):
+    """A patch's score from its own points: shared point MLP 3-64-128, max-pool, MLP 128-64-1.
+
+    It sees only the centre-relative points of the patch (never its position), so the score moves with
+    the patch's content; it is trained on the masked patches' true points against the GC target."""
+
+    def __init__(self, hidden: int = 128):
+        super().__init__()
+        self.point = nn.Sequential(nn.Linear(3, 64), nn.GELU(), nn.Linear(64, hidden))
+        self.head = nn.Sequential(nn.Linear(hidden, 64), nn.GELU(), nn.Linear(64, 1))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, G, K, 3) centre-relative points -> (B, G) scores."""
+        return self.head(self.point(patches).amax(2)).squeeze(-1)
+
+
+class PositionScorer(nn.Module):
+    """The position-only baseline: an MLP 3-64-64-1 of the patch centre."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1))
+
+    def forward(self, centers: torch.Tensor) -> torch.Tensor:
+        """(B, G, 3) patch centres -> (B, G) scores."""
+        return self.net(centers).squeeze(-1)
+
+
+def _zscore_rows(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Each row of (B, M) standardised to mean 0 and std 1."""
+    return (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + eps)
 
 
 class GM3D(MaskedAutoencoder):
@@ -141,16 +197,25 @@ class GM3D(MaskedAutoencoder):
                         "variant A (GC target = point error only)")
             gc.variant = "A"
         self.config = {**getattr(student, "config", {}), "mask": asdict(mcfg), "gm3d": asdict(gc)}
-        self.mask_token_loss_pred = nn.Parameter(torch.zeros(1, 1, C))
-        spec = student.decoder_spec()
-        self.MAE_decoder_loss_pred = TransformerDecoder(C, gc.gc_decoder_depth, int(spec["num_heads"]),
-                                                        float(spec["drop_path_rate"]))
-        self.MAE_decoder_loss_pred.apply(_init_xavier)
-        self.increase_dim_2 = GCHead(C)
-        nn.init.trunc_normal_(self.mask_token_loss_pred, std=0.02)
+        if gc.gc_scorer == "decoder":  # the official GC branch (its key names)
+            self.mask_token_loss_pred = nn.Parameter(torch.zeros(1, 1, C))
+            spec = student.decoder_spec()
+            self.MAE_decoder_loss_pred = TransformerDecoder(C, gc.gc_decoder_depth, int(spec["num_heads"]),
+                                                            float(spec["drop_path_rate"]))
+            self.MAE_decoder_loss_pred.apply(_init_xavier)
+            self.increase_dim_2 = GCHead(C)
+            if not gc.official_init:
+                nn.init.trunc_normal_(self.mask_token_loss_pred, std=0.02)
+        elif gc.gc_scorer == "content":
+            self.gc_content = ContentScorer()
+        elif gc.gc_scorer == "position":
+            self.gc_position = PositionScorer()
+        if gc.official_init:
+            self.official_init()
         if gc.variant != "A":
             kt = knowledge_teacher if knowledge_teacher is not None else \
-                student.build_knowledge_teacher(gc.teacher_model)
+                student.build_knowledge_teacher(gc.teacher_model, **({"with_decoder": True}
+                                                                     if gc.variant == "B" else {}))
             if not isinstance(kt, EncoderTeacher):
                 raise ConfigError(f"knowledge_teacher must be an EncoderTeacher, got {type(kt).__name__}")
             if kt.token_dim != C:
@@ -169,10 +234,18 @@ class GM3D(MaskedAutoencoder):
         self.knowledge_teacher = kt
         self.ema.requires_grad_(False)
         self.ema.eval()
+        if gc.ema_warmup:  # the update count, saved with the run so that a resumed run continues it
+            self.register_buffer("ema_num_updates", torch.zeros((), dtype=torch.long))
         self.ema_decay = gc.ema_decay_start
         self._stats: dict[str, float] = {}
         self._n_stats = 0
         self._n_sel = 0
+        self._epoch = 0
+
+    def official_init(self) -> None:
+        """The official GM3D initialisation; backbones that define one override this."""
+        raise ConfigError(f"model.gm3d.official_init: no official GM3D initialisation is defined for "
+                          f"{type(self.student).__name__}")
 
     # ------------------------------------------------------------------ the student, adopted
     def _adopt(self, student: MaskedAutoencoder) -> None:
@@ -242,20 +315,33 @@ class GM3D(MaskedAutoencoder):
         self._stats, self._n_stats = {}, 0
         self._n_sel = self.masker.num_selected(epoch, self.student.num_group)
 
+    def current_ema_decay(self) -> float:
+        """The decay of the next EMA update: the epoch's ramp value, capped by the warm-up if on."""
+        if not self.gcfg.ema_warmup:
+            return self.ema_decay
+        n = int(self.ema_num_updates)
+        return min(self.ema_decay, (1.0 + n) / (10.0 + n))
+
     @torch.no_grad()
     def after_step(self) -> None:
-        """EMA update of every float parameter and buffer; integer buffers are copied."""
-        student = [t for n, t in self._student_tensors()]
-        teacher = [t for n, t in self.ema._student_tensors()]
-        floats = [(e, s) for e, s in zip(teacher, student) if e.is_floating_point()]
-        torch._foreach_lerp_([e for e, _ in floats], [s.detach() for _, s in floats], 1.0 - self.ema_decay)
-        for e, s in zip(teacher, student):
-            if not e.is_floating_point():
+        """EMA update of every float parameter and buffer; integer buffers are copied, and so are the
+        BatchNorm running statistics with ``ema_bn: copy``."""
+        decay = self.current_ema_decay()
+        copy_bn = self.gcfg.ema_bn == "copy"
+        lerp_t, lerp_s = [], []
+        for (name, s), (_, e) in zip(self._student_tensors(), self.ema._student_tensors()):
+            if not e.is_floating_point() or (copy_bn and name.endswith(("running_mean", "running_var"))):
                 e.copy_(s)
+            else:
+                lerp_t.append(e)
+                lerp_s.append(s.detach())
+        torch._foreach_lerp_(lerp_t, lerp_s, 1.0 - decay)
+        if self.gcfg.ema_warmup:
+            self.ema_num_updates += 1
 
     def _student_tensors(self):
         """(name, tensor) of the student's parameters and buffers, excluding both teachers."""
-        skip = ("ema.", "knowledge_teacher.")
+        skip = ("ema.", "knowledge_teacher.", "ema_num_updates")
         for name, t in self.state_dict(keep_vars=True).items():
             if not name.startswith(skip):
                 yield name, t
@@ -263,7 +349,7 @@ class GM3D(MaskedAutoencoder):
     def extra_metrics(self) -> dict[str, float]:
         out = {k: v / max(self._n_stats, 1) for k, v in self._stats.items()}
         out["n_sel"] = float(self._n_sel)
-        out["ema_decay"] = float(self.ema_decay)
+        out["ema_decay"] = float(self.current_ema_decay())
         return out
 
     # ------------------------------------------------------------------ forward pieces
@@ -275,11 +361,52 @@ class GM3D(MaskedAutoencoder):
     @torch.no_grad()
     def teacher_scores(self, groups) -> torch.Tensor:
         """The EMA teacher's GC score per mask-scale patch of the complete cloud, (B, G)."""
-        t = self.ema
+        t, scorer = self.ema, self.gcfg.gc_scorer
+        if scorer == "content":
+            return t.gc_content(self.student.mask_scale_patches(groups)).float()
+        if scorer == "position":
+            return t.gc_position(self.student.mask_centers(groups)).float()
+        if scorer == "oracle":
+            return self.oracle_scores(groups)
         return t.gc_scores_all(t.student.mask_scale_tokens(t.student.encode(groups)), groups).float()
 
-    def student_scores(self, groups, mask: torch.Tensor, encoded) -> torch.Tensor:
-        """The student's GC scores at its mask tokens, (B, M) in increasing masked-patch index."""
+    @torch.no_grad()
+    def oracle_scores(self, groups, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The student's own GC target for every patch, (B, G): the patches of each sample are split by a
+        random permutation into ``ceil(G / M)`` masks of the training count ``M`` (the last one wraps
+        around), the student (in eval mode) reconstructs each, and a patch's score is its mean target."""
+        centers = self.student.mask_centers(groups)
+        B, G = centers.shape[:2]
+        M = self.masker.num_masked(G)
+        perm = torch.rand(B, G, generator=generator, device=centers.device).argsort(1)
+        total = torch.zeros(B, G, device=centers.device)
+        count = torch.zeros(B, G, device=centers.device)
+        was_training = self.student.training
+        self.student.train(False)
+        try:
+            for k in range(-(-G // M)):
+                idx = perm[:, (k * M + torch.arange(M, device=centers.device)) % G]
+                mask = torch.zeros(B, G, dtype=torch.bool, device=centers.device).scatter_(1, idx, True)
+                target = self.per_patch_terms(groups, mask, self.student.encode(groups, mask))[3]
+                total[mask] += target.reshape(-1).float()
+                count[mask] += 1
+        finally:
+            self.student.train(was_training)
+        return total / count
+
+    def student_scores(self, groups, mask: torch.Tensor, encoded) -> torch.Tensor | None:
+        """The student's GC scores at the masked patches, (B, M) in increasing masked-patch index (None for
+        the oracle, which learns nothing). The decoder scores mask tokens; the content and position
+        scorers see the masked patches' own points or centres (data, so no gradient reaches the student)."""
+        scorer = self.gcfg.gc_scorer
+        if scorer == "oracle":
+            return None
+        B, M = mask.shape[0], int(mask[0].sum())
+        if scorer == "content":
+            patches = self.student.mask_scale_patches(groups)
+            return self.gc_content(patches[mask].view(B, M, *patches.shape[2:]))
+        if scorer == "position":
+            return self.gc_position(self.student.mask_centers(groups)[mask].view(B, M, -1))
         x_vis = self.student.mask_scale_tokens(encoded)
         B, n_vis, C = x_vis.shape
         M = mask.shape[1] - n_vis
@@ -299,7 +426,8 @@ class GM3D(MaskedAutoencoder):
 
         Returns ``f_hat`` (B, M, C) decoded mask tokens, ``l_p`` (B, M) point term, ``l_f`` (B, M)
         feature-KD term (None for variant A) and ``gc_target`` (B, M), the detached error that the GC
-        decoder learns to rank (``l_p`` for variant A, ``l_p + l_f`` for B and C).
+        scorer learns to rank (official: ``l_p`` for variant A, ``l_p + l_f`` for B and C; see
+        :meth:`gc_target`).
         """
         g = self.gcfg
         self._check_teacher()
@@ -307,16 +435,40 @@ class GM3D(MaskedAutoencoder):
         if g.variant == "B":  # the point term comes from the knowledge teacher's head: no student point head
             f_hat = self.student.decode_masked(groups, mask, encoded)
             with torch.no_grad():
-                f_t = self.knowledge_teacher.encode_full(groups)[mask].view(B, M, -1)
-                l_p = self.knowledge_teacher.point_head_loss(f_hat.detach(), f_t, self.student.loss_fn)
+                f_full = self.knowledge_teacher.encode_full(groups)
+                f_t = f_full[mask].view(B, M, -1)
+                l_p = self.knowledge_teacher.point_head_loss(groups, mask, f_hat.detach(), f_full,
+                                                             self.student.loss_fn)
         else:
             f_hat, l_p = self.student.reconstruct_masked(groups, mask, encoded)
             if g.variant == "A":
-                return f_hat, l_p, None, l_p.detach()
+                return f_hat, l_p, None, self.gc_target(groups, mask, l_p, None)
             with torch.no_grad():
                 f_t = self.knowledge_teacher.encode_full(groups)[mask].view(B, M, -1)
         l_f = normalized_mse(f_hat, f_t)                                                      # (B, M)
-        return f_hat, l_p, l_f, (l_f + l_p).detach()
+        return f_hat, l_p, l_f, self.gc_target(groups, mask, l_p, l_f)
+
+    @torch.no_grad()
+    def gc_target(self, groups, mask: torch.Tensor, l_p: torch.Tensor, l_f: torch.Tensor | None,
+                  epoch: int | None = None) -> torch.Tensor:
+        """The detached per-masked-patch error (B, M) that the GC scorer ranks (``gc_target`` and
+        ``gc_chamfer_norm`` options; the defaults give the official ``l_p (+ l_f)``)."""
+        g = self.gcfg
+        l_p = l_p.detach().float()
+        if g.gc_chamfer_norm:
+            patches = self.student.mask_scale_patches(groups)
+            B, M = l_p.shape
+            size = patches[mask].view(B, M, -1, 3).float().pow(2).sum(-1).mean(-1)
+            l_p = l_p / (size + 1e-8)
+        if l_f is None:
+            return _zscore_rows(l_p) if g.gc_target == "zscore" else l_p
+        l_f = l_f.detach().float()
+        if g.gc_target == "zscore":
+            return _zscore_rows(l_p) + _zscore_rows(l_f)
+        if g.gc_target == "weighted":
+            w_point, w_feat, _ = self.loss_weights(self._epoch if epoch is None else epoch)
+            return w_point * l_p + w_feat * l_f
+        return l_f + l_p
 
     def loss_weights(self, epoch: int) -> tuple[float, float, float]:
         g = self.gcfg
@@ -336,16 +488,21 @@ class GM3D(MaskedAutoencoder):
     def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor, *, epoch: int = 0,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         points = batch["points"] if isinstance(batch, dict) else batch
+        self._epoch = epoch
         groups = self.student.group(points)
         scores, mask = self.masked_view(groups, epoch=epoch, generator=generator)
         M = int(mask[0].sum())
         encoded = self.student.encode(groups, mask)
         _, l_p, l_f, gc_target = self.per_patch_terms(groups, mask, encoded)
         g_hat = self.student_scores(groups, mask, encoded)                                     # (B, M)
-        l_gc = gc_ranking_loss(g_hat.float(), gc_target)
         w_point, w_feat, w_gc = self.loss_weights(epoch)
         loss_point = l_p.mean()
-        loss = w_point * loss_point + w_gc * l_gc
+        if g_hat is None:  # the oracle learns no scorer
+            l_gc = loss_point.new_zeros(())
+            loss = w_point * loss_point
+        else:
+            l_gc = gc_ranking_loss(g_hat.float(), gc_target)
+            loss = w_point * loss_point + w_gc * l_gc
         out = {"loss_point": loss_point.detach(), "loss_gc": l_gc.detach()}
         if l_f is not None:
             loss_feat = l_f.mean()
@@ -376,7 +533,7 @@ class PointMAEGM3D(GM3D):
     ARCH = "point_mae"
 
     def __init__(self, group_size: int = 32, num_group: int = 64, loss: Literal["cdl1", "cdl2"] = "cdl2",
-                 transformer_config: dict | None = None, embed_visible_only: bool = True,
+                 transformer_config: dict | None = None, embed_visible_only: bool = False,
                  mask: dict | None = None, gm3d: dict | None = None,
                  knowledge_teacher: EncoderTeacher | None = None):
         tc = {k: v for k, v in (transformer_config or {}).items() if k != "mask_type"}
@@ -384,3 +541,13 @@ class PointMAEGM3D(GM3D):
         student = PointMAE(group_size, num_group, loss, tc, embed_visible_only, mask=student_mask)
         super().__init__(student, mask=mask, gm3d=gm3d, knowledge_teacher=knowledge_teacher,
                          transformer_config=transformer_config)
+
+    def official_init(self) -> None:
+        """The official GM3D code applies no init to its encoder (PyTorch defaults) and starts the mask
+        tokens at zero; the reconstruction and GC decoders keep xavier."""
+        for m in self.MAE_encoder.modules():
+            if m is not self.MAE_encoder and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        nn.init.zeros_(self.mask_token)
+        if hasattr(self, "mask_token_loss_pred"):
+            nn.init.zeros_(self.mask_token_loss_pred)

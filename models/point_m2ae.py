@@ -455,6 +455,10 @@ class PointM2AE(MaskedAutoencoder):
     def mask_centers(self, groups: list[Patches]) -> torch.Tensor:
         return groups[-1].center
 
+    def mask_scale_patches(self, groups: list[Patches]) -> torch.Tensor:
+        """The coarsest scale's members (finer-scale centres, relative to the coarse centre)."""
+        return groups[-1].neighborhood
+
     def encode(self, groups: list[Patches], mask: torch.Tensor | None = None) -> M2AEEncoded:
         masks = self.scale_masks(groups, mask)
         tokens, valid, index = self.h_encoder(groups, masks, self.local_attention_in_pretrain)
@@ -553,7 +557,11 @@ class PointM2AE(MaskedAutoencoder):
     def decoder_spec(self) -> dict[str, float]:
         return {"num_heads": self.cfg.num_heads, "drop_path_rate": self.cfg.drop_path_rate}
 
-    def build_knowledge_teacher(self, teacher_model: dict | None = None) -> "PointM2AETeacher":
+    def build_knowledge_teacher(self, teacher_model: dict | None = None,
+                                with_decoder: bool = False) -> "PointM2AETeacher":
+        if with_decoder:
+            raise ConfigError("model.gm3d.variant B needs a knowledge teacher with a decoder and point head, "
+                              "which the Point-M2AE teacher does not have (use variant C)")
         if teacher_model:
             d = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in teacher_model.items()}
             unknown = set(d) - set(M2AEConfig.__dataclass_fields__)

@@ -148,23 +148,39 @@ class PointMAETeacher(EncoderTeacher):
 
     ARCH = "point_mae"
 
-    def __init__(self, tc: TransformerConfig, group_size: int):
+    def __init__(self, tc: TransformerConfig, group_size: int, with_decoder: bool = False):
         super().__init__()
         self.MAE_encoder = PointMAEEncoder(tc.trans_dim, tc.encoder_dims, tc.depth, tc.num_heads, 0.0,
                                            embed_visible_only=False)
+        if with_decoder:  # variant B: the pre-training decoder, as in the official checkpoint
+            self.decoder_pos_embed = PosEmbed(tc.trans_dim)
+            self.MAE_decoder = TransformerDecoder(tc.trans_dim, tc.decoder_depth, tc.decoder_num_heads, 0.0)
         self.increase_dim = nn.Sequential(nn.Conv1d(tc.trans_dim, 3 * group_size, 1))
         self.token_dim = tc.trans_dim
+        self.with_decoder = with_decoder
         self.freeze()
 
     def encode_full(self, groups: Patches) -> torch.Tensor:
         return self.MAE_encoder(groups.neighborhood, groups.center)
 
-    def point_head_loss(self, f_hat: torch.Tensor, f_t: torch.Tensor, loss_fn) -> torch.Tensor:
-        B, M, _ = f_hat.shape
+    def point_head_loss(self, groups: Patches, mask: torch.Tensor, f_hat: torch.Tensor, f_full: torch.Tensor,
+                        loss_fn) -> torch.Tensor:
+        if not self.with_decoder:
+            raise ConfigError("the Point-MAE knowledge teacher was built without its decoder "
+                              "(build_knowledge_teacher(..., with_decoder=True)), which variant B needs")
+        B, M, C = f_hat.shape
+        center = groups.center
         head = self.increase_dim
         K = head[0].out_channels // 3
-        pred_pts = head(f_hat.float().transpose(1, 2).to(head[0].weight.dtype))
-        kt_pts = head(f_t.transpose(1, 2))
+        dtype = head[0].weight.dtype
+        # the student's decoded mask tokens through the teacher's decoder, at the masked centres ...
+        pos_m = self.decoder_pos_embed(center[mask].view(B, M, 3))
+        rec_s = self.MAE_decoder(f_hat.to(dtype), pos_m, M)
+        # ... against the teacher's complete-cloud features through the same decoder, at every centre
+        G = f_full.shape[1]
+        rec_t = self.MAE_decoder(f_full, self.decoder_pos_embed(center), G)[mask].view(B, M, C)
+        pred_pts = head(rec_s.transpose(1, 2))
+        kt_pts = head(rec_t.transpose(1, 2))
         return loss_fn(pred_pts.transpose(1, 2).reshape(B * M, K, 3).float(),
                        kt_pts.transpose(1, 2).reshape(B * M, K, 3).float(), reduction="none").view(B, M)
 
@@ -186,7 +202,7 @@ class PointMAE(MaskedAutoencoder):
     ARCH = "point_mae"
 
     def __init__(self, group_size: int = 32, num_group: int = 64, loss: Literal["cdl1", "cdl2"] = "cdl2",
-                 transformer_config: dict | None = None, embed_visible_only: bool = True,
+                 transformer_config: dict | None = None, embed_visible_only: bool = False,
                  mask: dict | None = None):
         super().__init__()
         tc = TransformerConfig.from_dict(transformer_config)
@@ -275,9 +291,13 @@ class PointMAE(MaskedAutoencoder):
     def decoder_spec(self) -> dict[str, float]:
         return {"num_heads": self.tc.decoder_num_heads, "drop_path_rate": self.tc.drop_path_rate}
 
-    def build_knowledge_teacher(self, teacher_model: dict | None = None) -> PointMAETeacher:
+    def mask_scale_patches(self, groups: Patches) -> torch.Tensor:
+        return groups.neighborhood
+
+    def build_knowledge_teacher(self, teacher_model: dict | None = None,
+                                with_decoder: bool = False) -> PointMAETeacher:
         tc = TransformerConfig.from_dict(teacher_model, "model.gm3d.teacher_model") if teacher_model else self.tc
-        return PointMAETeacher(tc, self.group_size)
+        return PointMAETeacher(tc, self.group_size, with_decoder)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder weights under the official pre-training key names (``MAE_encoder.*``)."""

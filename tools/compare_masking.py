@@ -1,68 +1,153 @@
-"""Pre-train with random vs GeoMask3D masking (KD off and on) and compare linear-SVM accuracy.
+"""The masking experiment: pre-train with every masking arm at equal masked count, then evaluate each.
 
-For every seed, on the same config and epochs:
-  * ``random``       Point-MAE, random masking;
-  * ``gm3d``         GeoMask3D masking, no knowledge distillation (variant A: Chamfer x1000 + GC ranking);
-  * ``gm3d+kd``      GeoMask3D variant C, whose frozen knowledge teacher is that seed's ``random`` run
-                     (so this arm builds on a finished Point-MAE pre-training: its cost is counted
-                     with the teacher's time included);
-  * ``random (equal time)`` with ``--equal-time``: random masking trained for as many epochs as the
-                     ``gm3d`` arm's wall-clock buys.
-Every arm masks the same number of patches (``--count``, the masked-count rule of ``model.mask.count``:
-``gm3d`` keeps ``int(G (1 - r))`` visible, ``point_mae`` masks ``int(r G)``), so the arms differ only in
-which patches they hide. Each run is the real CLI (``main_pretrain.py``) in a subprocess. The table (mean ± std over seeds of
-the last-epoch SVM accuracy, the best-epoch accuracy selected on the test split, and the wall-clock)
-is printed and written to ``<out>/compare.md``.
+Arms (``--arms``, default all but ``random_eqtime`` unless ``--equal-time``):
 
-    python tools/compare_masking.py --config cfgs/pretrain/quickstart.yaml --seeds 0 1 2 --out experiments/compare
+* ``random``         Point-MAE, random masking;
+* ``block``          Point-MAE, block masking (a random seed patch and its nearest neighbours);
+* ``gm3d_paper``     GeoMask3D as the paper specifies it (variant C: Chamfer + feature KD + GC ranking,
+                     the GC transformer decoder at mask tokens, EMA teacher 0.999 -> 0.9999 over the first
+                     quarter of the run, BatchNorm statistics averaged); its frozen knowledge teacher is
+                     that seed's ``random`` run, so its cost includes the teacher's;
+* ``gm3d_opts``      the same with the project's options (docs/METHOD.md): EMA BatchNorm statistics
+                     copied, decay warm-up, z-scored GC target with a size-normalised Chamfer term, and
+                     the content scorer (a PointNet on the patch's own points), EMA 0.99 -> 0.995;
+* ``gm3d_position``  ``gm3d_opts`` with the position-only scorer (an MLP of the patch centre);
+* ``gm3d_oracle``    ``gm3d_opts`` masking the patches with the largest true error (measured with extra
+                     no-grad passes; an upper reference for what a scorer could reach, not a method);
+* ``random_eqtime``  random masking trained for as many epochs as ``gm3d_opts``'s wall-clock buys.
+
+Every arm masks the same number of patches (``--count``, the masked-count rule of ``model.mask.count``),
+so the arms differ only in which patches they hide. Each run is the real CLI (``main_pretrain.py``) in a
+subprocess; a finished run is reused (its overrides must match). Per arm and seed it records the linear
+SVM of the student encoder (last epoch, and best epoch selected on the test split), optionally the SVM of
+the EMA teacher's encoder (``--ema-svm``), fine-tuning accuracy (``--finetune CONFIG``), the content-shuffle
+and rotation statistics of the scores (``--probe``, GM3D arms) and the wall-clock. The table (mean ± std over
+seeds) is printed and written to ``<out>/compare.md``, every raw number to ``<out>/compare.json``.
+
+    python tools/compare_masking.py --config cfgs/pretrain/quickstart.yaml --seeds 0 1 2 --jobs 2 \\
+        --out experiments/compare_masking --equal-time --ema-svm --probe \\
+        --finetune cfgs/finetune/quickstart_cls.yaml total_bs=4 max_epoch=20 threads=1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
-import statistics
+import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+ARMS = ("random", "block", "gm3d_paper", "gm3d_opts", "gm3d_position", "gm3d_oracle", "random_eqtime")
+GM3D_OPTIONS = ["model.gm3d.ema_bn=copy", "model.gm3d.ema_warmup=true", "model.gm3d.gc_target=zscore",
+                "model.gm3d.gc_chamfer_norm=true", "model.gm3d.ema_decay_start=0.99",
+                "model.gm3d.ema_decay_end=0.995"]
 
-def run_arm(config: str, run_dir: Path, opts: list[str]) -> dict:
-    """Run one pre-training (or reuse a finished one) and return its summary plus wall-clock."""
-    summary_path = run_dir / "summary.json"
-    timing_path = run_dir / "wallclock.json"
-    if summary_path.exists() and timing_path.exists():
-        return {**json.loads(summary_path.read_text()), **json.loads(timing_path.read_text())}
-    if run_dir.exists():
-        import shutil
-        shutil.rmtree(run_dir)
-    cmd = [sys.executable, str(REPO / "main_pretrain.py"), "--config", config, "--run_dir", str(run_dir),
-           "log.progress_bar=false", "log.tensorboard=false", *opts]
+
+def _run(cmd: list[str], run_dir: Path, what: str) -> float:
     print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
-        raise RuntimeError(f"run failed ({run_dir}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    timing_path.write_text(json.dumps({"wall_s": wall}))
-    return {**json.loads(summary_path.read_text()), "wall_s": wall}
+        raise RuntimeError(f"{what} failed ({run_dir}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return wall
+
+
+def run_arm(config: str, run_dir: Path, opts: list[str]) -> dict:
+    """Run one pre-training (or reuse a finished one with the same overrides): summary + wall-clock."""
+    summary_path, timing_path = run_dir / "summary.json", run_dir / "wallclock.json"
+    if summary_path.exists() and timing_path.exists():
+        timing = json.loads(timing_path.read_text())
+        if "opts" in timing and timing["opts"] != opts:
+            raise RuntimeError(f"{run_dir} holds a finished run with other overrides ({timing['opts']}); "
+                               f"use another --out or remove that folder")
+        return {**json.loads(summary_path.read_text()), **timing}
+    if run_dir.exists():  # an unfinished run: start it again
+        shutil.rmtree(run_dir)
+    cmd = [sys.executable, str(REPO / "main_pretrain.py"), "--config", config, "--run_dir", str(run_dir),
+           "log.progress_bar=false", "log.tensorboard=false", *opts]
+    wall = _run(cmd, run_dir, "pre-training")
+    timing = {"wall_s": wall, "opts": opts}
+    timing_path.write_text(json.dumps(timing))
+    return {**json.loads(summary_path.read_text()), **timing}
+
+
+def run_once(out_json: Path, cmd: list[str], what: str) -> dict:
+    """Run a command that writes ``out_json`` (once; reused afterwards)."""
+    if not out_json.exists():
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        wall = _run(cmd, out_json.parent, what)
+        data = json.loads(out_json.read_text()) if out_json.exists() else {}
+        if isinstance(data, dict):
+            data.setdefault("wall_s", wall)
+            out_json.write_text(json.dumps(data))
+    return json.loads(out_json.read_text())
+
+
+def finetune(run_dir: Path, config: str, opts: list[str]) -> dict:
+    """Fine-tune the run's last checkpoint with ``config`` (main_finetune.py): its summary."""
+    ft_dir = run_dir / "finetune"
+    summary = ft_dir / "summary.json"
+    if not summary.exists():
+        if ft_dir.exists():
+            shutil.rmtree(ft_dir)
+        cmd = [sys.executable, str(REPO / "main_finetune.py"), "--config", config, "--finetune",
+               str(run_dir / "ckpt-last.pth"), "--run_dir", str(ft_dir), "log.progress_bar=false",
+               "log.tensorboard=false", *opts]
+        _run(cmd, ft_dir, "fine-tuning")
+    return json.loads(summary.read_text())
 
 
 def mean_std(xs: list[float]) -> str:
     """``"mean ± std"`` (sample std, ddof=1: :func:`tools.stats.mean_std`), or ``n/a`` for no values."""
     from tools.stats import mean_std as _mean_std
 
+    xs = [x for x in xs if x is not None]
     if not xs:
         return "n/a"
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
     m, sd = _mean_std(xs)
     return f"{m:.2f} ± {sd:.2f}"
+
+
+def arm_overrides(arm: str, args, common: list[str], teacher: Path, epochs: int) -> list[str]:
+    """The overrides of one arm (on top of ``common``)."""
+    gm3d = ["model.NAME=Point_MAE_GM3D", "model.transformer_config.mask_type=gm3d", *args.gm3d]
+    opts = [*gm3d, "model.gm3d.variant=C", f"model.gm3d.teacher_ckpt={teacher}", *GM3D_OPTIONS,
+            f"model.gm3d.ema_ramp_epochs={epochs}"]
+    return {
+        "random": common,
+        "block": [*common, "model.transformer_config.mask_type=block"],
+        "gm3d_paper": [*common, *gm3d, "model.gm3d.variant=C", f"model.gm3d.teacher_ckpt={teacher}",
+                       "model.gm3d.ema_decay_start=0.999", "model.gm3d.ema_decay_end=0.9999",
+                       f"model.gm3d.ema_ramp_epochs={max(1, math.ceil(epochs / 4))}"],
+        "gm3d_opts": [*common, *opts, "model.gm3d.gc_scorer=content"],
+        "gm3d_position": [*common, *opts, "model.gm3d.gc_scorer=position"],
+        "gm3d_oracle": [*common, *opts, "model.gm3d.gc_scorer=oracle"],
+    }[arm]
+
+
+def schedule(tasks: list[tuple[str, list[str], Callable[..., Any]]], jobs: int) -> dict[str, Any]:
+    """Run named tasks on ``jobs`` workers; a task's callable receives its dependencies' results.
+    Tasks must come after their dependencies (they are started in list order)."""
+    futures: dict[str, Future] = {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for name, deps, fn in tasks:
+            dep_futs = [futures[d] for d in deps]
+            futures[name] = pool.submit(lambda fn=fn, dep_futs=dep_futs: fn(*[f.result() for f in dep_futs]))
+    return {name: f.result() for name, f in futures.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,68 +155,130 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="cfgs/pretrain/quickstart.yaml", help="Point-MAE pre-training config")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="experiments/compare_masking", help="folder for the runs and compare.md")
-    p.add_argument("--jobs", type=int, default=1, help="seeds run in parallel (use threads=1 per run)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (use threads=1 per run)")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=None, help="arms to run (default: all but "
+                   "random_eqtime, which --equal-time adds)")
     p.add_argument("--count", choices=["gm3d", "point_mae"], default="gm3d",
                    help="masked-count rule for every arm (model.mask.count), so all arms mask the same count")
-    p.add_argument("--equal-time", action="store_true", help="add a random-masking arm given gm3d's wall-clock")
-    p.add_argument("--gm3d", nargs="*", default=["model.gm3d.gc_decoder_depth=2", "model.gm3d.ema_decay_start=0.99",
-                                                 "model.gm3d.ema_decay_end=0.995"],
-                   help="overrides for both gm3d arms")
-    p.add_argument("opts", nargs="*", help="overrides for every arm (e.g. max_epoch=10 dataset.train.partial=0.3)")
+    p.add_argument("--equal-time", action="store_true", help="add a random arm given gm3d_opts' wall-clock")
+    p.add_argument("--gm3d", nargs="*", default=["model.gm3d.gc_decoder_depth=2"],
+                   help="overrides for every GM3D arm")
+    p.add_argument("--finetune", default=None, metavar="CONFIG",
+                   help="also fine-tune every arm's last checkpoint with this fine-tuning config")
+    p.add_argument("--finetune-opts", nargs="*", default=[],
+                   help="overrides for the fine-tuning runs (their seed is the arm's)")
+    p.add_argument("--ema-svm", action="store_true", help="also the linear SVM of GM3D arms' EMA-teacher encoder")
+    p.add_argument("--probe", action="store_true",
+                   help="also the content-shuffle and rotation statistics of GM3D arms' scores (tools/gc_probe.py)")
+    p.add_argument("--probe-limit", type=int, default=32, help="shapes used by --probe")
+    p.add_argument("opts", nargs="*", help="overrides for every arm (e.g. max_epoch=20 total_bs=4 threads=1)")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    arms = list(args.arms or [a for a in ARMS if a != "random_eqtime" or args.equal_time])
+    if args.equal_time and "random_eqtime" not in arms:
+        arms.append("random_eqtime")
+    for need, by in (("random", "gm3d_"), ("random", "random_eqtime"), ("gm3d_opts", "random_eqtime")):
+        if any(a.startswith(by) for a in arms) and need not in arms:
+            arms.insert(0, need) if need == "random" else arms.insert(arms.index("random_eqtime"), need)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    gm3d_common = ["model.NAME=Point_MAE_GM3D", "model.transformer_config.mask_type=gm3d", *args.gm3d]
-    def one_seed(seed: int) -> dict[str, dict]:
-        common = [f"seed={seed}", f"model.mask.count={args.count}", *args.opts]
-        res = {"random": run_arm(args.config, out / f"random_s{seed}", common)}
-        res["gm3d (no KD)"] = run_arm(args.config, out / f"gm3d_s{seed}",
-                                      [*common, *gm3d_common, "model.gm3d.variant=A"])
-        teacher = out / f"random_s{seed}" / "ckpt-last.pth"
-        c = run_arm(args.config, out / f"gm3d_kd_s{seed}",
-                    [*common, *gm3d_common, "model.gm3d.variant=C", f"model.gm3d.teacher_ckpt={teacher}"])
-        res["gm3d + KD (teacher = random run)"] = {**c, "wall_s_with_teacher": c["wall_s"] + res["random"]["wall_s"]}
-        if args.equal_time:
-            epochs = res["random"]["last_epoch"] + 1
-            eq_epochs = max(epochs, round(epochs * res["gm3d (no KD)"]["wall_s"] / res["random"]["wall_s"]))
-            res["random, equal time"] = run_arm(args.config, out / f"random_eqtime_s{seed}",
-                                                [*common, f"max_epoch={eq_epochs}",
-                                                 f"scheduler.kwargs.epochs={eq_epochs}"])
-        return res
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        per_seed = list(pool.map(one_seed, args.seeds))
-    results: dict[str, list[dict]] = {}
-    for res in per_seed:
-        for arm, r in res.items():
-            results.setdefault(arm, []).append(r)
 
     from utils.config import load_config
     cfg = load_config(args.config, args.opts)
-    lines = [
-        f"Linear-SVM accuracy (%) on `{cfg.dataset.svm_test.get('NAME', '?')}` test split, mean ± std over "
-        f"seeds {args.seeds}; `{args.config}` {' '.join(args.opts)}; {cfg.max_epoch} epochs; "
-        f"masked-count rule `{args.count}` for every arm; "
-        f"{platform.processor() or platform.machine()}, {cfg.threads or torch.get_num_threads()} thread(s) per run, "
-        f"{args.jobs} run(s) at a time, {cfg.precision}.",
-        "",
-        "| arm | SVM last epoch | SVM best epoch (test-selected) | SVM random init | wall-clock per run (s) |",
-        "|---|---|---|---|---|",
-    ]
-    for arm, rs in results.items():
-        last = [r["last_value"] for r in rs if r.get("last_value") is not None]
-        best = [r["best_value"] for r in rs if r.get("best_value") is not None]
-        init = [r["init"]["init/svm_acc"] for r in rs if r.get("init")]
-        wall = [r.get("wall_s_with_teacher", r["wall_s"]) for r in rs]
-        note = " (incl. teacher)" if "wall_s_with_teacher" in rs[0] else ""
-        lines.append(f"| {arm} | {mean_std(last)} | {mean_std(best)} | {mean_std(init)} | "
-                     f"{statistics.mean(wall):.0f}{note} |")
-    table = "\n".join(lines)
+    epochs = int(cfg.max_epoch)
+    threads = [o for o in args.opts if o.startswith("threads=")]
+
+    def pretrain(arm: str, seed: int) -> Callable[..., dict]:
+        def fn(*deps: dict) -> dict:
+            common = [f"seed={seed}", f"model.mask.count={args.count}", *args.opts]
+            run_dir = out / f"{arm}_s{seed}"
+            if arm == "random_eqtime":
+                rand, opt = deps
+                eq = max(epochs, round(epochs * opt["wall_s"] / rand["wall_s"]))
+                res = run_arm(args.config, run_dir, [*common, f"max_epoch={eq}", f"scheduler.kwargs.epochs={eq}"])
+                return {**res, "epochs": eq}
+            res = run_arm(args.config, run_dir, arm_overrides(arm, args, common, out / f"random_s{seed}" /
+                                                              "ckpt-last.pth", epochs))
+            if arm.startswith("gm3d"):
+                res["wall_s_with_teacher"] = res["wall_s"] + deps[0]["wall_s"]
+            return {**res, "epochs": epochs}
+        return fn
+
+    def evaluate(arm: str, seed: int) -> Callable[..., dict]:
+        def fn(res: dict) -> dict:
+            run_dir = out / f"{arm}_s{seed}"
+            ev: dict[str, Any] = {}
+            if args.finetune and arm != "random_eqtime":
+                ft = finetune(run_dir, args.finetune, [f"seed={seed}", *threads, *args.finetune_opts])
+                ev["ft_last"], ev["ft_best"] = ft.get("last_value"), ft.get("best_value")
+            if args.ema_svm and arm.startswith("gm3d"):
+                cmd = [sys.executable, str(REPO / "tools/eval_svm.py"), "--config", str(run_dir / "config.yaml"),
+                       "--ckpt", str(run_dir / "ckpt-last.pth"), "--source", "ema", "--json",
+                       str(run_dir / "ema_svm.json"), *threads]
+                ev["ema_svm"] = run_once(run_dir / "ema_svm.json", cmd, "EMA-teacher SVM")["svm_acc"]
+            if args.probe and arm.startswith("gm3d"):
+                cmd = [sys.executable, str(REPO / "tools/gc_probe.py"), str(run_dir / "ckpt-last.pth"),
+                       "--diagnostics", "--limit", str(args.probe_limit), "--json", str(run_dir / "probe.json")]
+                probe = run_once(run_dir / "probe.json", cmd, "GC probe")
+                ev["probe"] = probe
+            return {**res, **ev}
+        return fn
+
+    tasks: list[tuple[str, list[str], Callable[..., Any]]] = []
+    order = [a for a in ARMS if a in arms]
+    for arm in order:  # pre-training first (dependencies before their users), then the evaluations
+        for seed in args.seeds:
+            deps = ([f"random_s{seed}"] if arm.startswith("gm3d") else
+                    [f"random_s{seed}", f"gm3d_opts_s{seed}"] if arm == "random_eqtime" else [])
+            tasks.append((f"{arm}_s{seed}", deps, pretrain(arm, seed)))
+    for arm in order:
+        for seed in args.seeds:
+            tasks.append((f"eval_{arm}_s{seed}", [f"{arm}_s{seed}"], evaluate(arm, seed)))
+    done = schedule(tasks, args.jobs)
+    results = {arm: [done[f"eval_{arm}_s{s}"] for s in args.seeds] for arm in order}
+    (out / "compare.json").write_text(json.dumps({"config": args.config, "opts": args.opts, "seeds": args.seeds,
+                                                  "count": args.count, "results": results}, indent=1, default=str))
+    table = format_table(results, args, cfg)
     (out / "compare.md").write_text(table + "\n")
     print(table)
     return 0
+
+
+def _probe_value(r: dict, key: str) -> float | None:
+    probe = r.get("probe") or {}
+    for k in (key, f"probe/{key}"):
+        if isinstance(probe.get(k), (int, float)):
+            return float(probe[k])
+    for v in probe.values():  # {checkpoint: {...}} layouts
+        if isinstance(v, dict) and isinstance(v.get(key), (int, float)):
+            return float(v[key])
+    return None
+
+
+def format_table(results: dict[str, list[dict]], args, cfg) -> str:
+    lines = [
+        f"Linear-SVM and fine-tuning accuracy (%) on `{cfg.dataset.svm_test.get('NAME', '?')}`, mean ± std over "
+        f"seeds {args.seeds}; `{args.config}` {' '.join(args.opts)}; {cfg.max_epoch} epochs at batch "
+        f"{cfg.total_bs}; masked-count rule `{args.count}` for every arm; GM3D overrides {' '.join(args.gm3d)}; "
+        f"{platform.processor() or platform.machine()}, {cfg.threads or torch.get_num_threads()} thread(s) per run, "
+        f"{args.jobs} run(s) at a time, {cfg.precision}. Best epoch = selected on the test split.",
+        "",
+        "| arm | SVM last | SVM best | EMA-teacher SVM | fine-tune last | fine-tune best | shuffle rho | "
+        "rotation rho | wall-clock per run (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, rs in results.items():
+        wall = [r["wall_s"] for r in rs]
+        with_t = [r["wall_s_with_teacher"] for r in rs if "wall_s_with_teacher" in r]
+        wall_txt = f"{sum(wall) / len(wall):.0f}" + (f" ({sum(with_t) / len(with_t):.0f} with teacher)"
+                                                    if with_t else "")
+        if arm == "random_eqtime":
+            wall_txt += f", {sum(r['epochs'] for r in rs) / len(rs):.0f} epochs"
+        lines.append("| " + " | ".join([
+            arm, mean_std([r.get("last_value") for r in rs]), mean_std([r.get("best_value") for r in rs]),
+            mean_std([r.get("ema_svm") for r in rs]), mean_std([r.get("ft_last") for r in rs]),
+            mean_std([r.get("ft_best") for r in rs]), mean_std([_probe_value(r, "shuffle_rho") for r in rs]),
+            mean_std([_probe_value(r, "rotation_rho") for r in rs]), wall_txt]) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ estimate over train + test::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from tools.svm import SVMEvaluator, feature_model, extract_features, kfold_svm, repeated_svm
     from utils.config import load_config
     from utils.errors import CheckpointError, ConfigError, DataError
+    from utils.io import atomic_write
     from utils.logging import setup_logging
     from utils.misc import resolve_device
 
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also a pooled stratified K-fold estimate over train + test (for small test splits): "
                         "every shape tested once by an SVM fitted on the other folds")
     p.add_argument("--seed", type=int, default=None, help="seed of the re-sampling and folds (default: cfg seed)")
+    p.add_argument("--json", default=None, metavar="OUT",
+                   help="also write the results to OUT as JSON (accuracy, C, test count, repeats)")
     p.add_argument("opts", nargs="*", help=OVERRIDES_HELP)
     args = parse_with_overrides(p, argv)
     if args.data and args.dataset_config:
