@@ -88,10 +88,11 @@ def run_once(out_json: Path, cmd: list[str], what: str) -> dict:
     if not out_json.exists():
         out_json.parent.mkdir(parents=True, exist_ok=True)
         wall = _run(cmd, out_json.parent, what)
-        data = json.loads(out_json.read_text()) if out_json.exists() else {}
-        if isinstance(data, dict):
-            data.setdefault("wall_s", wall)
-            out_json.write_text(json.dumps(data))
+        if not out_json.exists():
+            raise RuntimeError(f"{what}: {' '.join(cmd)} wrote no {out_json}")
+        data = json.loads(out_json.read_text())
+        data.setdefault("wall_s", wall)
+        out_json.write_text(json.dumps(data))
     return json.loads(out_json.read_text())
 
 
@@ -165,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="overrides for every GM3D arm")
     p.add_argument("--finetune", default=None, metavar="CONFIG",
                    help="also fine-tune every arm's last checkpoint with this fine-tuning config")
+    p.add_argument("--finetune-arms", nargs="+", choices=ARMS, default=None,
+                   help="arms to fine-tune (default: every arm but random_eqtime)")
+    p.add_argument("--eqtime-epochs", type=int, default=None,
+                   help="epochs of random_eqtime (default: from the measured wall-clocks of gm3d_opts and random, "
+                        "which a shared machine makes noisy; bench/masking_arms.py measures the step-time ratio)")
     p.add_argument("--finetune-opts", nargs="*", default=[],
                    help="overrides for the fine-tuning runs (their seed is the arm's)")
     p.add_argument("--ema-svm", action="store_true", help="also the linear SVM of GM3D arms' EMA-teacher encoder")
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = out / f"{arm}_s{seed}"
             if arm == "random_eqtime":
                 rand, opt = deps
-                eq = max(epochs, round(epochs * opt["wall_s"] / rand["wall_s"]))
+                eq = args.eqtime_epochs or max(epochs, round(epochs * opt["wall_s"] / rand["wall_s"]))
                 res = run_arm(args.config, run_dir, [*common, f"max_epoch={eq}", f"scheduler.kwargs.epochs={eq}"])
                 return {**res, "epochs": eq}
             res = run_arm(args.config, run_dir, arm_overrides(arm, args, common, out / f"random_s{seed}" /
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         def fn(res: dict) -> dict:
             run_dir = out / f"{arm}_s{seed}"
             ev: dict[str, Any] = {}
-            if args.finetune and arm != "random_eqtime":
+            if args.finetune and arm in (args.finetune_arms or [a for a in ARMS if a != "random_eqtime"]):
                 ft = finetune(run_dir, args.finetune, [f"seed={seed}", *threads, *args.finetune_opts])
                 ev["ft_last"], ev["ft_best"] = ft.get("last_value"), ft.get("best_value")
             if args.ema_svm and arm.startswith("gm3d"):

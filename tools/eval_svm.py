@@ -164,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         folds = ", ".join(f"{a:.1f}" for a in kfold["fold_acc"])
         print(f"pooled {args.kfold}-fold over train + test: {kfold['acc']:.2f} %  ({kfold['correct']} / "
               f"{kfold['n']} correct; {format_accuracy(kfold['acc'], kfold['n'])}; folds {folds})", flush=True)
+    if args.json:
+        record = {"svm_acc": acc, "svm_C": ev.C, "n_train": len(train_set), "n_test": n_test,
+                  "checkpoint": args.ckpt, "source": args.source, "layout": layout,
+                  "repeats": [r["acc"] for r in runs], "kfold_acc": kfold["acc"] if kfold else None}
+        atomic_write(Path(args.json), lambda f: f.write(json.dumps(record, indent=1) + "\n"), binary=False)
     return 0
 
 
