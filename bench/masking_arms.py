@@ -1,35 +1,85 @@
-"""Per-step time of every masking arm, interleaved round-robin in one process (A/B in one run)."""
-import sys, time, statistics, torch, platform
-sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else "/work/wt/m13")
-torch.set_num_threads(1)
-from utils.config import load_config
-from tools.builders import build_model_from_cfg
-sys.argv = sys.argv[:1]
-COMMON = ["total_bs=4", "model.mask.count=gm3d"]
-G = ["model.NAME=Point_MAE_GM3D", "model.transformer_config.mask_type=gm3d", "model.gm3d.gc_decoder_depth=2",
-     "model.gm3d.variant=C"]
-OPT = ["model.gm3d.ema_bn=copy", "model.gm3d.ema_warmup=true", "model.gm3d.gc_target=zscore",
-       "model.gm3d.gc_chamfer_norm=true"]
-arms = {"random": [], "block": ["model.transformer_config.mask_type=block"], "gm3d_paper": G,
-        "gm3d_opts": G + OPT + ["model.gm3d.gc_scorer=content"], "gm3d_position": G + OPT + ["model.gm3d.gc_scorer=position"],
-        "gm3d_oracle": G + OPT + ["model.gm3d.gc_scorer=oracle"]}
-models = {}
-for a, o in arms.items():
-    torch.manual_seed(0)
-    m = build_model_from_cfg(load_config("cfgs/pretrain/quickstart.yaml", COMMON + o), load_teacher=False)
-    kt = getattr(m, "knowledge_teacher", None)
-    if kt is not None: kt.loaded = True
-    m.train(); m.on_epoch_start(15, 20)
-    models[a] = (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], 1e-3))
-x = torch.randn(4, 512, 3)
-times = {a: [] for a in arms}
-for r in range(12):
-    for a, (m, opt) in models.items():
-        t0 = time.perf_counter()
-        out = m({"points": x}, epoch=15); out["loss"].backward(); opt.step(); opt.zero_grad(); m.after_step()
-        if r >= 2: times[a].append(time.perf_counter() - t0)
-base = statistics.median(times["random"])
-print(f"{platform.processor() or platform.machine()}, 1 thread, fp32, batch 4 x 512, epoch 15 of 20 (GM3D selects part of the mask)")
-print("| arm | s/step (median of 10) | x random |\n|---|---|---|")
-for a, t in times.items():
-    print(f"| {a} | {statistics.median(t):.3f} | {statistics.median(t)/base:.2f} |")
+"""Time one pre-training step of every arm of the masking experiment (tools/compare_masking.py).
+
+    python bench/masking_arms.py [--batch 4] [--threads 1] [--repeats 10] [--epoch 15]
+
+The arms are built from cfgs/pretrain/quickstart.yaml with the overrides that compare_masking.py gives
+them (GM3D with a 2-block GC decoder, variant C with a random, untrained knowledge teacher: its weights
+do not change the cost). One step = forward, backward, AdamW, and the EMA update for GM3D, at ``--epoch``
+of 20 so that the curriculum selects part of the mask. All arms run round-robin inside every repeat, so
+a busy machine slows them alike; the table gives the median step time and its ratio to ``random``, the
+baseline measured in the same run. compare_masking's ``--eqtime-epochs`` can be set from the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GM3D = ["model.NAME=Point_MAE_GM3D", "model.transformer_config.mask_type=gm3d", "model.gm3d.gc_decoder_depth=2",
+        "model.gm3d.variant=C"]
+OPTIONS = ["model.gm3d.ema_bn=copy", "model.gm3d.ema_warmup=true", "model.gm3d.gc_target=zscore",
+           "model.gm3d.gc_chamfer_norm=true"]
+ARMS = {
+    "random": [],
+    "block": ["model.transformer_config.mask_type=block"],
+    "gm3d_paper": GM3D,
+    "gm3d_opts": GM3D + OPTIONS + ["model.gm3d.gc_scorer=content"],
+    "gm3d_position": GM3D + OPTIONS + ["model.gm3d.gc_scorer=position"],
+    "gm3d_oracle": GM3D + OPTIONS + ["model.gm3d.gc_scorer=oracle"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.ops import cpu_name
+    from tools.builders import build_model_from_cfg
+    from utils.config import load_config
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--epoch", type=int, default=15, help="epoch of 20 (the GM3D curriculum's share)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = {}
+    for arm, opts in ARMS.items():
+        torch.manual_seed(0)
+        cfg = load_config("cfgs/pretrain/quickstart.yaml", [f"total_bs={args.batch}", "model.mask.count=gm3d", *opts])
+        model = build_model_from_cfg(cfg, load_teacher=False)
+        if getattr(model, "knowledge_teacher", None) is not None:
+            model.knowledge_teacher.loaded = True  # random weights: same cost as a trained teacher
+        model.train()
+        model.on_epoch_start(args.epoch, 20)
+        opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], 1e-3)
+        steps[arm] = (model, opt)
+    x = {"points": torch.randn(args.batch, int(cfg.npoints), 3, generator=torch.Generator().manual_seed(0))}
+    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    for r in range(args.repeats + 2):
+        for arm, (model, opt) in steps.items():
+            t0 = time.perf_counter()
+            model(x, epoch=args.epoch)["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+            model.after_step()
+            if r >= 2:  # two warm-up rounds
+                times[arm].append(time.perf_counter() - t0)
+    base = statistics.median(times["random"])
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[0]
+    print(f"{cpu_name()}, {args.threads} thread(s), fp32, batch {args.batch} x {cfg.npoints}, epoch {args.epoch} "
+          f"of 20, median of {args.repeats} round-robin repeats, load average {load} at the end")
+    print("\n| arm | s / step | x random |\n|---|---|---|")
+    for arm, t in times.items():
+        print(f"| {arm} | {statistics.median(t):.3f} | {statistics.median(t) / base:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

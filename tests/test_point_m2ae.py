@@ -403,7 +403,7 @@ def test_gm3d_m2ae_teacher_loads_from_fake_official_checkpoint(teacher_ckpt, tmp
     ft = PointM2AEModelNet40(**{k: TINY[k] for k in ENC_KEYS})
     with pytest.raises(CheckpointError, match="knowledge teacher needs a Point-M2AE pre-training checkpoint"):
         load_knowledge_teacher(m.knowledge_teacher, official_ckpt(tmp_path, ft, "ft.pth"))
-    with pytest.raises(Exception, match="variant B needs a knowledge teacher with a point head"):
+    with pytest.raises(Exception, match="variant B needs a knowledge teacher with a decoder and point head"):
         gm3d("B", teacher_ckpt)
 
 
