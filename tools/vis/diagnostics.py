@@ -81,15 +81,20 @@ def _mean(x: torch.Tensor) -> float:
     return float(x.mean()) if x.numel() else float("nan")
 
 
+def _multiscale(groups) -> bool:
+    """Whether ``groups`` is one :class:`Patches` per scale (a Patches is a tuple itself)."""
+    return isinstance(groups, (list, tuple)) and not isinstance(groups, Patches)
+
+
 def _mask_scale(groups) -> Patches:
-    return groups[-1] if isinstance(groups, (list, tuple)) else groups
+    return groups[-1] if _multiscale(groups) else groups
 
 
 # ---------------------------------------------------------------------------------- content shuffle
 def shuffle_contents(groups: Patches, perm: torch.Tensor) -> Patches:
     """The patches with their contents permuted per cloud: patch ``g`` of cloud ``b`` gets the
     neighbourhood (and point indices) of patch ``perm[b, g]``; the centres stay where they are."""
-    if isinstance(groups, (list, tuple)):
+    if _multiscale(groups):
         raise MultiScaleError(
             "the content shuffle needs one scale of patches, got a multi-scale grouping (Point-M2AE): the "
             "mask-scale tokens are built from the finer scales, whose patches are not one-to-one with the "
@@ -122,7 +127,7 @@ def _rot_y(angle_deg: float, like: torch.Tensor) -> torch.Tensor:
 def rotate_patches(groups, angle_deg: float):
     """The patches of whole clouds rotated by ``angle_deg`` about the up axis y, without regrouping:
     neighbourhoods and centres of every scale rotate, the point indices stay (same patch identity)."""
-    if isinstance(groups, (list, tuple)):
+    if _multiscale(groups):
         return [rotate_patches(p, angle_deg) for p in groups]
     r = _rot_y(angle_deg, groups.center).T
     return Patches(groups.neighborhood @ r, groups.center @ r, groups.idx)
@@ -189,9 +194,9 @@ def mask_averaged_target(model: nn.Module, groups, seeds: Sequence[int] = TARGET
 
 def position_baseline(center: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, train: torch.Tensor,
                       *, hidden: int = 64, steps: int = 300, lr: float = 1e-2, seed: int = 0) -> torch.Tensor:
-    """A 3-``hidden``-``hidden``-1 MLP of the centre's coordinates fitted (Adam, full batch, MSE) to the
-    per-cloud standardised ``target`` on the clouds ``train`` (B,) bool, where ``valid``; returns its
-    predictions (B, G) on every cloud. The caller's RNG is untouched."""
+    """A 3-``hidden``-``hidden``-1 MLP of the centre's coordinates fitted (``steps`` of full-batch Adam on
+    the MSE) to the per-cloud standardised ``target`` on the clouds ``train`` (B,) bool, where ``valid``;
+    returns its predictions (B, G) on every cloud. The caller's RNG is untouched."""
     x, t, v = center.detach().float().cpu(), target.detach().float().cpu(), valid.cpu()
     mu = (t * v).sum(1, keepdim=True) / v.sum(1, keepdim=True).clamp_min(1)
     sd = (((t - mu) ** 2) * v).sum(1, keepdim=True).div(v.sum(1, keepdim=True).clamp_min(1)).sqrt()
@@ -200,13 +205,18 @@ def position_baseline(center: torch.Tensor, target: torch.Tensor, valid: torch.T
         torch.manual_seed(seed)
         mlp = nn.Sequential(nn.Linear(3, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                             nn.Linear(hidden, 1))
-        opt = torch.optim.Adam(mlp.parameters(), lr=lr)
+        params = list(mlp.parameters())
+        m1 = [torch.zeros_like(q) for q in params]
+        m2 = [torch.zeros_like(q) for q in params]
         xs, zs, w = x[train], z[train], v[train].float()
-        for _ in range(steps):
-            opt.zero_grad()
+        for step in range(1, steps + 1):     # Adam, by hand: torch.optim would import torch._dynamo (seconds)
             loss = (((mlp(xs)[..., 0] - zs) ** 2) * w).sum() / w.sum().clamp_min(1)
-            loss.backward()
-            opt.step()
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for q, g, a, b in zip(params, grads, m1, m2):
+                    a.lerp_(g, 0.1)
+                    b.lerp_(g * g, 0.001)
+                    q.sub_(lr * (a / (1 - 0.9 ** step)) / ((b / (1 - 0.999 ** step)).sqrt() + 1e-8))
     with torch.no_grad():
         return mlp(x)[..., 0]
 
