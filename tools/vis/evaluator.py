@@ -10,7 +10,6 @@ import torch
 
 from tools.vis.forward import gc_state
 from tools.vis.loading import Shape, is_gm3d, shapes_from_dataset
-from tools.vis.panels import render_gc
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,8 @@ class GCPanelEvaluator:
         return self.out_dir / ("gc_epoch_init.png" if epoch < 0 else f"gc_epoch_{epoch:03d}.png")
 
     def __call__(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
+        from tools.vis.panels import render_gc    # matplotlib: imported only when a figure is drawn
+
         model = model.module if hasattr(model, "module") else model
         if not is_gm3d(model):
             if not self._warned:
