@@ -103,18 +103,31 @@ def shuffle_contents(groups: Patches, perm: torch.Tensor) -> Patches:
     return Patches(groups.neighborhood[b, perm], groups.center, groups.idx[b, perm])
 
 
+def _cat(variants: Sequence[Any]):
+    """Groupings of the same clouds concatenated along the batch (every scale of a multi-scale one)."""
+    if _multiscale(variants[0]):
+        return [_cat([v[i] for v in variants]) for i in range(len(variants[0]))]
+    return Patches(*(torch.cat(parts) for parts in zip(*variants)))
+
+
+def _scores_of(score_fn: ScoreFn, variants: Sequence[Any]) -> list[torch.Tensor]:
+    """``score_fn`` of each grouping, in one batched call (the scorer treats clouds independently)."""
+    return list(score_fn(_cat(variants)).float().chunk(len(variants)))
+
+
 @torch.no_grad()
-def content_shuffle_rho(score_fn: ScoreFn, groups: Patches, seeds: Sequence[int] = SHUFFLE_SEEDS
-                        ) -> torch.Tensor:
-    """(B,) Spearman between the scores and the scores after :func:`shuffle_contents` at the same patch
-    positions, averaged over one random permutation per seed. 1.0 = content-blind."""
-    base = score_fn(groups).float()
-    B, G = base.shape
-    rhos = []
-    for seed in seeds:
-        perm = torch.rand(B, G, generator=mask_generator(seed)).argsort(1).to(base.device)
-        rhos.append(spearman_per_row(base, score_fn(shuffle_contents(groups, perm)).float()).cpu())
-    return torch.stack(rhos).mean(0)
+def content_shuffle_rho(score_fn: ScoreFn, groups: Patches, seeds: Sequence[int] = SHUFFLE_SEEDS,
+                        base: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) Spearman between the scores (``base``, computed when None) and the scores after
+    :func:`shuffle_contents` at the same patch positions, averaged over one random permutation per seed.
+    1.0 = content-blind."""
+    center = _mask_scale(groups).center
+    B, G = center.shape[:2]
+    perms = [torch.rand(B, G, generator=mask_generator(s)).argsort(1).to(center.device) for s in seeds]
+    shuffled = [shuffle_contents(groups, perm) for perm in perms]        # refuses a multi-scale grouping
+    base, *scores = _scores_of(score_fn, [groups, *shuffled]) if base is None else \
+        [base.float(), *_scores_of(score_fn, shuffled)]
+    return torch.stack([spearman_per_row(base, s).cpu() for s in scores]).mean(0)
 
 
 # ---------------------------------------------------------------------------------- rotation
@@ -134,12 +147,14 @@ def rotate_patches(groups, angle_deg: float):
 
 
 @torch.no_grad()
-def rotation_rho(score_fn: ScoreFn, groups, angles: Sequence[float] = ANGLES) -> torch.Tensor:
-    """(B,) Spearman between a patch's score before and after :func:`rotate_patches`, mean over
-    ``angles``."""
-    base = score_fn(groups).float()
-    return torch.stack([spearman_per_row(base, score_fn(rotate_patches(groups, a)).float()).cpu()
-                        for a in angles]).mean(0)
+def rotation_rho(score_fn: ScoreFn, groups, angles: Sequence[float] = ANGLES,
+                 base: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) Spearman between a patch's score before (``base``, computed when None) and after
+    :func:`rotate_patches`, mean over ``angles``."""
+    rotated = [rotate_patches(groups, a) for a in angles]
+    base, *scores = _scores_of(score_fn, [groups, *rotated]) if base is None else \
+        [base.float(), *_scores_of(score_fn, rotated)]
+    return torch.stack([spearman_per_row(base, s).cpu() for s in scores]).mean(0)
 
 
 def _affine_design(center: torch.Tensor) -> torch.Tensor:
@@ -182,14 +197,15 @@ def mask_averaged_target(model: nn.Module, groups, seeds: Sequence[int] = TARGET
     ``count`` is 0)."""
     centers = model.mask_centers(groups)
     masker = random_masker(model.masker)
-    total = torch.zeros(centers.shape[:2], dtype=torch.float64, device=centers.device)
-    count = torch.zeros_like(total)
-    for seed in seeds:
-        mask = masker(centers, generator=mask_generator(seed), epoch=0).to(centers.device)
-        target = model.per_patch_terms(groups, mask, model.encode(groups, mask))[3]
-        total[mask] += target.reshape(-1).double()
-        count[mask] += 1
-    return (total / count.clamp_min(1)).float(), count
+    masks = torch.stack([masker(centers, generator=mask_generator(s), epoch=0).to(centers.device)
+                         for s in seeds])                                               # (S, B, G)
+    S, B, G = masks.shape
+    many, flat = _cat([groups] * S), masks.reshape(S * B, G)                           # one batched pass
+    target = model.per_patch_terms(many, flat, model.encode(many, flat))[3].double()   # (S * B, M)
+    total = torch.zeros(S * B, G, dtype=torch.float64, device=centers.device)
+    total[flat] = target.reshape(-1)
+    count = masks.double().sum(0)
+    return (total.view(S, B, G).sum(0) / count.clamp_min(1)).float(), count
 
 
 def position_baseline(center: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, train: torch.Tensor,
@@ -330,11 +346,11 @@ def diagnose(model: nn.Module, points: torch.Tensor, score_fn: ScoreFn | None = 
         center = _mask_scale(groups).center
         out: dict[str, Any] = {"shapes": int(points.shape[0]), "skipped": {}}
         try:
-            out["shuffle_rho"] = _mean(content_shuffle_rho(score_fn, groups))
+            out["shuffle_rho"] = _mean(content_shuffle_rho(score_fn, groups, base=scores))
         except MultiScaleError as e:
             out["shuffle_rho"] = float("nan")
             out["skipped"]["shuffle_rho"] = str(e)
-        out["rotation_rho"] = _mean(rotation_rho(score_fn, groups))
+        out["rotation_rho"] = _mean(rotation_rho(score_fn, groups, base=scores))
         out["position_rotation_rho"] = _mean(position_rotation_rho(scores, groups))
         out["position_r2"] = _mean(position_fit(scores, center)[1])
         if targets:
