@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def diagnostics_table(records: list[dict]) -> str:
     lines = [head, "|" + "---|" * (len(DIAG_COLUMNS) + 4)]
     for r in records:
         d = r["diagnostics"]
-        cells = [f"{d[k]:+.2f}" if k in d else "-" for k in DIAG_COLUMNS]
+        cells = [f"{d[k]:+.2f}" if k in d and math.isfinite(d[k]) else "-" for k in DIAG_COLUMNS]
         bn = d.get("bn") or {}
         worst = f"{bn['worst_layer']} ({bn['worst_ratio']:.3g})" if bn.get("worst_layer") else "-"
         lines.append(f"| {r['path']} | {d['shapes']} | " + " | ".join(cells)

@@ -40,12 +40,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ANGLES", "SHUFFLE_SEEDS", "TARGET_SEEDS", "BNStats", "MultiScaleError", "Probe",
            "bn_statistics", "content_shuffle_rho", "diagnose", "finite_or_none", "mask_averaged_target",
-           "position_baseline", "position_fit", "position_rotation_rho", "probe_indices", "rotate_patches",
-           "rotation_rho", "shuffle_contents", "spearman_valid", "target_agreement"]
+           "mask_scale_patches", "position_baseline", "position_fit", "position_rotation_rho", "probe_indices",
+           "rotate_patches", "rotation_rho", "shuffle_contents", "spearman_valid", "target_agreement"]
 
 SHUFFLE_SEEDS = (0, 1, 2)
 ANGLES = (90.0, 180.0, 270.0)       # degrees about the up axis y
-TARGET_SEEDS = tuple(range(8))      # random masks averaged into the per-patch training target
+TARGET_SEEDS = tuple(range(6))      # random masks averaged into the per-patch training target
 
 ScoreFn = Callable[[Any], torch.Tensor]
 
@@ -86,7 +86,8 @@ def _multiscale(groups) -> bool:
     return isinstance(groups, (list, tuple)) and not isinstance(groups, Patches)
 
 
-def _mask_scale(groups) -> Patches:
+def mask_scale_patches(groups) -> Patches:
+    """The mask-scale :class:`Patches` of a grouping (the last scale of a multi-scale one)."""
     return groups[-1] if _multiscale(groups) else groups
 
 
@@ -121,7 +122,7 @@ def content_shuffle_rho(score_fn: ScoreFn, groups: Patches, seeds: Sequence[int]
     """(B,) Spearman between the scores (``base``, computed when None) and the scores after
     :func:`shuffle_contents` at the same patch positions, averaged over one random permutation per seed.
     1.0 = content-blind."""
-    center = _mask_scale(groups).center
+    center = mask_scale_patches(groups).center
     B, G = center.shape[:2]
     perms = [torch.rand(B, G, generator=mask_generator(s)).argsort(1).to(center.device) for s in seeds]
     shuffled = [shuffle_contents(groups, perm) for perm in perms]        # refuses a multi-scale grouping
@@ -176,12 +177,12 @@ def position_rotation_rho(scores: torch.Tensor, groups, angles: Sequence[float] 
     """(B,) :func:`rotation_rho` of the pure-position reference: the affine fit of ``scores`` (the
     unrotated cloud's) on the mask-scale centres, evaluated at the rotated centres. What a score that is
     a function of world position alone would give."""
-    center = _mask_scale(groups).center
+    center = mask_scale_patches(groups).center
     w, _ = position_fit(scores, center)
     ref = (_affine_design(center) @ w)[..., 0]
     rhos = []
     for a in angles:
-        rot = (_affine_design(_mask_scale(rotate_patches(groups, a)).center) @ w)[..., 0]
+        rot = (_affine_design(mask_scale_patches(rotate_patches(groups, a)).center) @ w)[..., 0]
         rhos.append(spearman_per_row(ref, rot).cpu())
     return torch.stack(rhos).mean(0)
 
@@ -343,7 +344,7 @@ def diagnose(model: nn.Module, points: torch.Tensor, score_fn: ScoreFn | None = 
         device = next(model.parameters()).device
         groups = model.group(points.to(device=device, dtype=torch.float32))
         scores = score_fn(groups).float()
-        center = _mask_scale(groups).center
+        center = mask_scale_patches(groups).center
         out: dict[str, Any] = {"shapes": int(points.shape[0]), "skipped": {}}
         try:
             out["shuffle_rho"] = _mean(content_shuffle_rho(score_fn, groups, base=scores))

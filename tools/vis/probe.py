@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from models.losses import spearman_per_row
-from tools.vis.diagnostics import probe_indices
+from tools.vis.diagnostics import mask_scale_patches, probe_indices
 from tools.vis.forward import mask_generator, masked_forward, random_masker
 from tools.vis.loading import LoadedCheckpoint, NoGCDecoderError, default_split, is_gm3d, load_checkpoint
 
@@ -57,7 +57,7 @@ def target_correlations(model, p, scores: torch.Tensor, epoch: int) -> dict[str,
     for name, masker in maskers.items():
         rhos = []
         for seed in MASK_SEEDS:
-            mask = masker(p.center, generator=mask_generator(seed), epoch=epoch, scores=scores)
+            mask = masker(model.mask_centers(p), generator=mask_generator(seed), epoch=epoch, scores=scores)
             B, M = mask.shape[0], int(mask[0].sum())
             target = masked_forward(model, p, mask, reconstruct=False, gc_target=True).gc_target
             rhos.append(spearman_per_row(scores[mask].view(B, M), target))
@@ -93,7 +93,8 @@ def probe(ckpt: str | LoadedCheckpoint, split: str | None = None, batch_size: in
         pts = torch.stack([dataset[i]["points"] for i in indices[start:start + batch_size]])
         p = model.group(pts.float())
         scores = model.teacher_scores(p)
-        corr = score_correlations(scores, p.center, p.neighborhood)
+        ms = mask_scale_patches(p)                  # the mask scale of a multi-scale backbone
+        corr = score_correlations(scores, ms.center, ms.neighborhood)
         if targets:
             corr.update(target_correlations(model, p, scores, max(ck.epoch, 0)))
         for k, v in corr.items():
