@@ -249,3 +249,29 @@ def test_probe_every_is_range_checked(tiny_config):
 
     with pytest.raises(ConfigError, match="probe_every"):
         load_config(tiny_config(vis={"probe_every": -1}))
+
+
+def test_gc_probe_cli_on_a_multiscale_checkpoint(tmp_path, capsys):
+    from tests.test_point_m2ae import TINY, gm3d as m2ae_gm3d
+    from tools import gc_probe
+    from tools.checkpoint import atomic_save
+
+    m = m2ae_gm3d(variant="A")
+    data = {"NAME": "SyntheticShapes", "npoints": 256, "num_classes": 2, "samples_per_class": 2,
+            "test_per_class": 2, "base_points": 256}
+    config = {"model": {"NAME": "Point_M2AE_GM3D", **TINY, "mask": {"alpha_max": 0.5},
+                        "gm3d": {"variant": "A", "gc_decoder_depth": 1}},
+              "dataset": {"train": {**data, "subset": "train"}, "svm_test": {**data, "subset": "test"}},
+              "max_epoch": 4, "data_root": None}
+    ckpt = tmp_path / "ckpt-last.pth"
+    atomic_save({"base_model": m.state_dict(), "epoch": 1, "config": config, "model_name": "PointM2AEGM3D",
+                 "format": "geomask3d-1"}, ckpt)
+    out = tmp_path / "m2ae.json"
+    assert gc_probe.main([str(ckpt), "--targets", "--diagnostics", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "shuffle_rho not computed: the content shuffle needs one scale of patches" in text
+    rec = json.loads(out.read_text())["checkpoints"][0]
+    assert rec["shapes"] == 4 and {"random_mask", "gm3d_mask", "linearity"} <= set(rec["correlations"])
+    d = rec["diagnostics"]
+    assert d["shuffle_rho"] is None and set(d["skipped"]) == {"shuffle_rho"}
+    assert -1 <= d["rotation_rho"] <= 1 and -1 <= d["target_rho"] <= 1 and d["bn"]["layers"]
