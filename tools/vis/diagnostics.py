@@ -2,8 +2,9 @@
 
 Every statistic takes a ``score_fn(groups) -> (B, G)`` (for a GM3D model, by default, the EMA teacher's
 ``model.teacher_scores``), so any other scorer can be measured the same way, and ``groups`` as the
-model's ``group`` returns them for a fixed batch of clouds. Spearman correlations are per cloud, then
-averaged over clouds.
+model's ``group`` returns them for a fixed batch of clouds. The scorer must score every cloud on its
+own (an eval-mode model does): the shuffled and rotated copies of the batch are scored in one call.
+Spearman correlations are per cloud, then averaged over clouds.
 
 * :func:`content_shuffle_rho`: permute the patch contents (``neighborhood``) among a cloud's patches,
   keep the centres, rescore: 1.0 means the scores ignore what is inside the patches.
