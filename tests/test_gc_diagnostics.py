@@ -174,6 +174,19 @@ def test_mask_averaged_target_against_a_loop():
     torch.testing.assert_close(target, sums / n.clamp_min(1))
 
 
+def test_batched_teacher_scores_equal_one_call_per_variant():
+    m = gm3d(variant="A").eval()
+    p = m.group(torch.randn(3, 128, 3, generator=torch.Generator().manual_seed(0)))
+    base = m.teacher_scores(p)
+    loop = []
+    for seed in D.SHUFFLE_SEEDS:
+        perm = torch.rand(3, 16, generator=mask_generator(seed)).argsort(1)
+        loop.append(D.spearman_valid(base, m.teacher_scores(D.shuffle_contents(p, perm))))
+    torch.testing.assert_close(D.content_shuffle_rho(m.teacher_scores, p), torch.stack(loop).mean(0))
+    loop = [D.spearman_valid(base, m.teacher_scores(D.rotate_patches(p, a))) for a in D.ANGLES]
+    torch.testing.assert_close(D.rotation_rho(m.teacher_scores, p), torch.stack(loop).mean(0))
+
+
 def test_diagnose_on_a_tiny_gm3d_model_and_a_custom_scorer():
     m = gm3d(variant="A")
     m.train()
