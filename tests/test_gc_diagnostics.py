@@ -144,6 +144,18 @@ def test_position_baseline_beats_chance_on_a_function_of_position():
     assert D.spearman_valid(pred[~train], noise[~train]).mean().abs() < 0.3
 
 
+def test_linear_position_baseline_nearly_recovers_an_affine_target():
+    g = torch.Generator().manual_seed(1)
+    center = torch.randn(6, 20, 3, generator=g)
+    target = 2 * center[..., 0] - center[..., 2] + torch.arange(6.0)[:, None]       # offsets per cloud
+    valid = torch.ones(6, 20, dtype=torch.bool)
+    valid[3, :5] = False
+    train = torch.arange(6) < 3
+    pred = D.linear_position_baseline(center, target, valid, train)
+    # not exactly 1: the per-cloud standardisation scales each cloud's slope a little differently
+    assert bool((D.spearman_valid(pred[~train], target[~train]) > 0.98).all())
+
+
 def test_spearman_valid_matches_the_subset():
     a, b = torch.randn(3, 10), torch.randn(3, 10)
     valid = torch.ones(3, 10, dtype=torch.bool)
@@ -194,7 +206,7 @@ def test_diagnose_on_a_tiny_gm3d_model_and_a_custom_scorer():
     d = D.diagnose(m, pts)
     assert m.training                                                                # mode restored
     keys = {"shuffle_rho", "rotation_rho", "position_rotation_rho", "position_r2", "target_rho",
-            "target_rho_heldout", "position_baseline_rho"}
+            "target_rho_heldout", "position_baseline_rho", "position_linear_rho"}
     assert keys <= set(d) and d["skipped"] == {} and d["shapes"] == 6
     assert all(-1 <= d[k] <= 1 for k in keys - {"position_r2"})
     assert d["bn"]["median_ratio"] == pytest.approx(1.0)

@@ -336,7 +336,7 @@ def test_gc_probe_diagnostics_json(runs, tmp_path, capsys):
     d = rec["diagnostics"]
     assert d["shapes"] == 4 and d["indices"] == [0, 1, 2, 3] and d["skipped"] == {}
     for k in ("shuffle_rho", "rotation_rho", "position_rotation_rho", "target_rho", "target_rho_heldout",
-              "position_baseline_rho"):
+              "position_baseline_rho", "position_linear_rho"):
         assert -1 <= d[k] <= 1
     assert 0 <= d["position_r2"] <= 1 and d["bn"]["layers"] and d["bn"]["worst_layer"]
     assert set(d["bn"]["layers"][0]) == {"name", "student_var", "teacher_var", "ratio"}

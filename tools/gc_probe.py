@@ -33,7 +33,8 @@ With ``--diagnostics`` it also measures whether the scores are content-blind, on
   scores (what a pure world-position score gives); ``position_r2``: the score variance that fit explains;
 * ``target_rho``: Spearman of the scores with the student's GC training target averaged over random
   masks; ``position_baseline_rho``: a small MLP of the centre fitted to that target on half of the
-  clouds, scored on the other half, beside ``target_rho_heldout`` (the scores on that same half);
+  clouds, scored on the other half, beside ``target_rho_heldout`` (the scores on that same half), and
+  ``position_linear_rho``, the same for one affine function of the centre;
 * ``bn``: mean BatchNorm running variance of the EMA teacher over the student's, per layer.
 
 ``--json OUT`` writes everything machine-readably (NaN as null).
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 DIAG_COLUMNS = ("shuffle_rho", "rotation_rho", "position_rotation_rho", "position_r2", "target_rho",
-                "target_rho_heldout", "position_baseline_rho")
+                "target_rho_heldout", "position_baseline_rho", "position_linear_rho")
 
 
 def diagnostics_table(records: list[dict]) -> str:

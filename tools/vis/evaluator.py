@@ -74,15 +74,15 @@ class ProbeEvaluator:
     The batch is ``num_shapes`` items of ``dataset`` spread evenly over it (every class), drawn once.
     Returns ``probe/shuffle_rho``, ``probe/rotation_rho``, ``probe/position_rotation_rho``,
     ``probe/position_r2``, ``probe/target_rho``, ``probe/target_rho_heldout``,
-    ``probe/position_baseline_rho``, ``probe/bn_var_ratio`` (median teacher / student running-variance
-    ratio) and ``probe/bn_var_ratio_worst``. A statistic that does not apply (the content shuffle of a
-    multi-scale model) is left out with one logged note; a model without a GC decoder gets one warning
-    and ``{}``.
+    ``probe/position_baseline_rho``, ``probe/position_linear_rho``, ``probe/bn_var_ratio`` (median
+    teacher / student running-variance ratio) and ``probe/bn_var_ratio_worst``. A statistic that does
+    not apply (the content shuffle of a multi-scale model) is left out with one logged note; a model
+    without a GC decoder gets one warning and ``{}``.
     """
 
     name = "gc_probe"
     KEYS = ("shuffle_rho", "rotation_rho", "position_rotation_rho", "position_r2", "target_rho",
-            "target_rho_heldout", "position_baseline_rho")
+            "target_rho_heldout", "position_baseline_rho", "position_linear_rho")
 
     def __init__(self, dataset, *, every: int, num_shapes: int = 16):
         self.dataset, self.every, self.num_shapes = dataset, int(every), max(1, int(num_shapes))
