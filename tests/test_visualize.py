@@ -20,6 +20,7 @@ from models.point_mae import PointMAE
 from tests.helpers import TINY_TC
 from tools import visualize
 from tools.vis import curves, evaluator, forward, loading, panels
+from tools.vis.probe import QUANTITIES
 from tools.checkpoint import CheckpointError, atomic_save
 
 GROUP = {"group_size": 8, "num_group": 16}
@@ -306,16 +307,42 @@ def test_gc_probe_cli(runs, capsys):
 
     assert gc_probe.main([str(runs["run"] / "ckpt-last.pth"), "--limit", "3"]) == 0
     out = capsys.readouterr().out
-    assert "| checkpoint | shapes | x | y | z | radius | flatness | spread |" in out
+    assert "| checkpoint | shapes | x | y | z | radius | flatness | linearity | spread |" in out
     assert f"| {runs['run'] / 'ckpt-last.pth'} | 3 |" in out
     assert gc_probe.main([str(runs["run"] / "ckpt-last.pth"), "--limit", "3", "--targets"]) == 0
     out = capsys.readouterr().out
-    assert "| flatness | spread | random_mask | gm3d_mask |" in out
+    assert "| flatness | linearity | spread | random_mask | gm3d_mask |" in out
     corr = probe.probe(str(runs["run"] / "ckpt-last.pth"), limit=3, targets=True)
     assert set(corr) == {*probe.QUANTITIES, "random_mask", "gm3d_mask"}
     assert all(v.shape == (3,) and bool(((v >= -1) & (v <= 1)).all()) for v in corr.values())
     assert gc_probe.main([str(runs["mae"])]) == 2
     assert "has no GC decoder" in capsys.readouterr().err
+
+
+def test_gc_probe_diagnostics_json(runs, tmp_path, capsys):
+    from tools import gc_probe
+
+    ckpts = [str(runs["run"] / "ckpt-epoch-000.pth"), str(runs["run"] / "ckpt-last.pth")]
+    out = tmp_path / "diag.json"
+    assert gc_probe.main([*ckpts, "--diagnostics", "--json", str(out), "--limit", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "| checkpoint | shapes | shuffle_rho | rotation_rho |" in text and f"wrote {out}" in text
+    doc = json.loads(out.read_text())
+    assert doc["split"] is None and [r["path"] for r in doc["checkpoints"]] == ckpts
+    rec = doc["checkpoints"][1]
+    assert (rec["epoch"], rec["variant"], rec["kd_dropped"], rec["shapes"]) == (3, "A", True, 4)
+    assert set(rec["correlations"]) == set(QUANTITIES)
+    assert set(rec["correlations"]["x"]) == {"mean", "mean_abs"}
+    d = rec["diagnostics"]
+    assert d["shapes"] == 4 and d["indices"] == [0, 1, 2, 3] and d["skipped"] == {}
+    for k in ("shuffle_rho", "rotation_rho", "position_rotation_rho", "target_rho", "target_rho_heldout",
+              "position_baseline_rho", "position_linear_rho"):
+        assert -1 <= d[k] <= 1
+    assert 0 <= d["position_r2"] <= 1 and d["bn"]["layers"] and d["bn"]["worst_layer"]
+    assert set(d["bn"]["layers"][0]) == {"name", "student_var", "teacher_var", "ratio"}
+    with pytest.raises(SystemExit):
+        gc_probe.main([ckpts[0], "--diagnostics", "--limit", "1"])      # no held-out half
+    assert "--limit must be >= 2, got 1" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------- masked forward

@@ -129,6 +129,11 @@ def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run
         vis_set = build_split(cfg, "svm_test") if cfg.dataset.svm_test else train_set
         evaluators.append(GCPanelEvaluator(vis_set, every=cfg.vis.gc_every, out_dir=out / "vis",
                                            num_shapes=cfg.vis.num_shapes))
+    if cfg.vis.probe_every > 0:
+        from tools.vis.evaluator import ProbeEvaluator
+        probe_set = build_split(cfg, "svm_test") if cfg.dataset.svm_test else train_set
+        evaluators.append(ProbeEvaluator(probe_set, every=cfg.vis.probe_every,
+                                         num_shapes=cfg.vis.probe_shapes))
     trainer = Trainer(cfg, model, train_set, out, evaluators=evaluators, transform=build_transform(cfg),
                       resume=resume, device=device, stop_after_epoch=stop_after_epoch)
     summary = trainer.fit()
