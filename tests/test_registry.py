@@ -154,18 +154,34 @@ def test_every_mask_strategy_runs_and_masks_its_count(strategy):
 
 
 def test_a_masking_comparison_masks_the_same_count_in_every_arm():
-    """tools/compare_masking.py sets model.mask.count for every arm; without it the two official rules differ."""
+    """tools/compare_masking.py sets model.mask.count for every arm; without it the two official rules differ.
+    Every arm's model, built from the arm's own overrides, hides exactly that many patches."""
+    from types import SimpleNamespace
+
+    from tools.compare_masking import ARMS, arm_overrides
+
     base = "cfgs/pretrain/quickstart.yaml"
-    arms = {"random": [], "gm3d": ["model.NAME=Point_MAE_GM3D", "model.transformer_config.mask_type=gm3d"]}
+    gm3d = ["model.NAME=Point_MAE_GM3D", "model.transformer_config.mask_type=gm3d"]
     counts = {}
     for rule in (None, "gm3d", "point_mae"):
         extra = [f"model.mask.count={rule}"] if rule else []
-        for arm, opts in arms.items():
+        for arm, opts in {"random": [], "gm3d": gm3d}.items():
             model = tiny_model(load_config(ROOT / base, [*opts, *extra]).to_dict()["model"])
             counts[rule, arm] = model.masker.num_masked(32)
     assert counts[None, "random"] == 19 and counts[None, "gm3d"] == 20   # int(0.6*32) vs 32 - int(32*0.4)
     assert counts["gm3d", "random"] == counts["gm3d", "gm3d"] == 20
     assert counts["point_mae", "random"] == counts["point_mae", "gm3d"] == 19
+    args = SimpleNamespace(gm3d=["model.gm3d.gc_decoder_depth=1"])
+    for rule, want in (("gm3d", 20), ("point_mae", 19)):
+        for arm in ARMS:
+            if arm == "random_eqtime":
+                continue
+            opts = arm_overrides(arm, args, [f"model.mask.count={rule}"], ROOT / "unused.pth", 20)
+            model = tiny_model(load_config(ROOT / base, opts).to_dict()["model"])
+            centers = torch.rand(2, 32, 3)
+            mask = model.masker(centers, generator=torch.Generator().manual_seed(0), epoch=19,
+                                scores=torch.rand(2, 32))
+            assert (mask.sum(1) == want).all(), (arm, rule)
 
 
 def test_unknown_mask_strategy_is_a_config_error_at_build_time():
