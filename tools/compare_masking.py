@@ -250,14 +250,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _probe_value(r: dict, key: str) -> float | None:
-    probe = r.get("probe") or {}
-    for k in (key, f"probe/{key}"):
-        if isinstance(probe.get(k), (int, float)):
-            return float(probe[k])
-    for v in probe.values():  # {checkpoint: {...}} layouts
-        if isinstance(v, dict) and isinstance(v.get(key), (int, float)):
-            return float(v[key])
-    return None
+    """A diagnostic of ``tools/gc_probe.py --diagnostics --json`` (its first checkpoint), or None."""
+    checkpoints = (r.get("probe") or {}).get("checkpoints") or [{}]
+    value = (checkpoints[0].get("diagnostics") or {}).get(key)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def format_table(results: dict[str, list[dict]], args, cfg) -> str:
@@ -269,8 +265,8 @@ def format_table(results: dict[str, list[dict]], args, cfg) -> str:
         f"{args.jobs} run(s) at a time, {cfg.precision}. Best epoch = selected on the test split.",
         "",
         "| arm | SVM last | SVM best | EMA-teacher SVM | fine-tune last | fine-tune best | shuffle rho | "
-        "rotation rho | wall-clock per run (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "rotation rho | scores vs target rho (position baseline) | wall-clock per run (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, rs in results.items():
         wall = [r["wall_s"] for r in rs]
@@ -283,7 +279,9 @@ def format_table(results: dict[str, list[dict]], args, cfg) -> str:
             arm, mean_std([r.get("last_value") for r in rs]), mean_std([r.get("best_value") for r in rs]),
             mean_std([r.get("ema_svm") for r in rs]), mean_std([r.get("ft_last") for r in rs]),
             mean_std([r.get("ft_best") for r in rs]), mean_std([_probe_value(r, "shuffle_rho") for r in rs]),
-            mean_std([_probe_value(r, "rotation_rho") for r in rs]), wall_txt]) + " |")
+            mean_std([_probe_value(r, "rotation_rho") for r in rs]),
+            f"{mean_std([_probe_value(r, 'target_rho_heldout') for r in rs])} "
+            f"({mean_std([_probe_value(r, 'position_baseline_rho') for r in rs])})", wall_txt]) + " |")
     return "\n".join(lines)
 
 
