@@ -64,8 +64,9 @@ def _run(cmd: list[str], run_dir: Path, what: str) -> float:
     return wall
 
 
-def run_arm(config: str, run_dir: Path, opts: list[str]) -> dict:
-    """Run one pre-training (or reuse a finished one with the same overrides): summary + wall-clock."""
+def run_arm(config: str, run_dir: Path, opts: list[str], report: bool = False) -> dict | None:
+    """Run one pre-training (or reuse a finished one with the same overrides): summary + wall-clock.
+    With ``report`` nothing runs: None for a run that has not finished."""
     summary_path, timing_path = run_dir / "summary.json", run_dir / "wallclock.json"
     if summary_path.exists() and timing_path.exists():
         timing = json.loads(timing_path.read_text())
@@ -73,6 +74,8 @@ def run_arm(config: str, run_dir: Path, opts: list[str]) -> dict:
             raise RuntimeError(f"{run_dir} holds a finished run with other overrides ({timing['opts']}); "
                                f"use another --out or remove that folder")
         return {**json.loads(summary_path.read_text()), **timing}
+    if report:
+        return None
     if run_dir.exists():  # an unfinished run: start it again
         shutil.rmtree(run_dir)
     cmd = [sys.executable, str(REPO / "main_pretrain.py"), "--config", config, "--run_dir", str(run_dir),
@@ -83,8 +86,10 @@ def run_arm(config: str, run_dir: Path, opts: list[str]) -> dict:
     return {**json.loads(summary_path.read_text()), **timing}
 
 
-def run_once(out_json: Path, cmd: list[str], what: str) -> dict:
-    """Run a command that writes ``out_json`` (once; reused afterwards)."""
+def run_once(out_json: Path, cmd: list[str], what: str, report: bool = False) -> dict | None:
+    """Run a command that writes ``out_json`` (once; reused afterwards; ``report``: never run, None)."""
+    if report and not out_json.exists():
+        return None
     if not out_json.exists():
         out_json.parent.mkdir(parents=True, exist_ok=True)
         wall = _run(cmd, out_json.parent, what)
@@ -96,10 +101,13 @@ def run_once(out_json: Path, cmd: list[str], what: str) -> dict:
     return json.loads(out_json.read_text())
 
 
-def finetune(run_dir: Path, config: str, opts: list[str]) -> dict:
-    """Fine-tune the run's last checkpoint with ``config`` (main_finetune.py): its summary."""
+def finetune(run_dir: Path, config: str, opts: list[str], report: bool = False) -> dict:
+    """Fine-tune the run's last checkpoint with ``config`` (main_finetune.py): its summary
+    (``report``: only an existing one, else ``{}``)."""
     ft_dir = run_dir / "finetune"
     summary = ft_dir / "summary.json"
+    if report and not summary.exists():
+        return {}
     if not summary.exists():
         if ft_dir.exists():
             shutil.rmtree(ft_dir)
@@ -177,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe", action="store_true",
                    help="also the content-shuffle and rotation statistics of GM3D arms' scores (tools/gc_probe.py)")
     p.add_argument("--probe-limit", type=int, default=32, help="shapes used by --probe")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: tabulate the runs and evaluations already finished in --out (an interrupted "
+                        "experiment, or one still running); each row says how many seeds it has")
     p.add_argument("opts", nargs="*", help="overrides for every arm (e.g. max_epoch=20 total_bs=4 threads=1)")
     args = p.parse_args(argv)
     arms = list(args.arms or [a for a in ARMS if a != "random_eqtime" or args.equal_time])
@@ -197,35 +208,42 @@ def main(argv: list[str] | None = None) -> int:
         def fn(*deps: dict) -> dict:
             common = [f"seed={seed}", f"model.mask.count={args.count}", *args.opts]
             run_dir = out / f"{arm}_s{seed}"
+            if any(d is None for d in deps):  # --report: a dependency has not finished
+                return None
             if arm == "random_eqtime":
                 rand, opt = deps
                 eq = args.eqtime_epochs or max(epochs, round(epochs * opt["wall_s"] / rand["wall_s"]))
-                res = run_arm(args.config, run_dir, [*common, f"max_epoch={eq}", f"scheduler.kwargs.epochs={eq}"])
-                return {**res, "epochs": eq}
+                res = run_arm(args.config, run_dir, [*common, f"max_epoch={eq}", f"scheduler.kwargs.epochs={eq}"],
+                              args.report)
+                return None if res is None else {**res, "epochs": eq}
             res = run_arm(args.config, run_dir, arm_overrides(arm, args, common, out / f"random_s{seed}" /
-                                                              "ckpt-last.pth", epochs))
+                                                              "ckpt-last.pth", epochs), args.report)
+            if res is None:
+                return None
             if arm.startswith("gm3d"):
                 res["wall_s_with_teacher"] = res["wall_s"] + deps[0]["wall_s"]
             return {**res, "epochs": epochs}
         return fn
 
     def evaluate(arm: str, seed: int) -> Callable[..., dict]:
-        def fn(res: dict) -> dict:
+        def fn(res: dict | None) -> dict | None:
+            if res is None:
+                return None
             run_dir = out / f"{arm}_s{seed}"
             ev: dict[str, Any] = {}
             if args.finetune and arm in (args.finetune_arms or [a for a in ARMS if a != "random_eqtime"]):
-                ft = finetune(run_dir, args.finetune, [f"seed={seed}", *threads, *args.finetune_opts])
+                ft = finetune(run_dir, args.finetune, [f"seed={seed}", *threads, *args.finetune_opts], args.report)
                 ev["ft_last"], ev["ft_best"] = ft.get("last_value"), ft.get("best_value")
             if args.ema_svm and arm.startswith("gm3d"):
                 cmd = [sys.executable, str(REPO / "tools/eval_svm.py"), "--config", str(run_dir / "config.yaml"),
                        "--ckpt", str(run_dir / "ckpt-last.pth"), "--source", "ema", "--json",
                        str(run_dir / "ema_svm.json"), *threads]
-                ev["ema_svm"] = run_once(run_dir / "ema_svm.json", cmd, "EMA-teacher SVM")["svm_acc"]
+                ema = run_once(run_dir / "ema_svm.json", cmd, "EMA-teacher SVM", args.report)
+                ev["ema_svm"] = ema["svm_acc"] if ema else None
             if args.probe and arm.startswith("gm3d"):
                 cmd = [sys.executable, str(REPO / "tools/gc_probe.py"), str(run_dir / "ckpt-last.pth"),
                        "--diagnostics", "--limit", str(args.probe_limit), "--json", str(run_dir / "probe.json")]
-                probe = run_once(run_dir / "probe.json", cmd, "GC probe")
-                ev["probe"] = probe
+                ev["probe"] = run_once(run_dir / "probe.json", cmd, "GC probe", args.report)
             return {**res, **ev}
         return fn
 
@@ -240,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             tasks.append((f"eval_{arm}_s{seed}", [f"{arm}_s{seed}"], evaluate(arm, seed)))
     done = schedule(tasks, args.jobs)
-    results = {arm: [done[f"eval_{arm}_s{s}"] for s in args.seeds] for arm in order}
+    results = {arm: [r for r in (done[f"eval_{arm}_s{s}"] for s in args.seeds) if r is not None] for arm in order}
+    results = {arm: rs for arm, rs in results.items() if rs}
     (out / "compare.json").write_text(json.dumps({"config": args.config, "opts": args.opts, "seeds": args.seeds,
                                                   "count": args.count, "results": results}, indent=1, default=str))
     table = format_table(results, args, cfg)
@@ -256,17 +275,25 @@ def _probe_value(r: dict, key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _machine() -> str:
+    try:
+        from bench.ops import cpu_name
+        return cpu_name()
+    except Exception:  # noqa: BLE001 - a description only
+        return platform.processor() or platform.machine()
+
+
 def format_table(results: dict[str, list[dict]], args, cfg) -> str:
     lines = [
         f"Linear-SVM and fine-tuning accuracy (%) on `{cfg.dataset.svm_test.get('NAME', '?')}`, mean ± std over "
         f"seeds {args.seeds}; `{args.config}` {' '.join(args.opts)}; {cfg.max_epoch} epochs at batch "
         f"{cfg.total_bs}; masked-count rule `{args.count}` for every arm; GM3D overrides {' '.join(args.gm3d)}; "
-        f"{platform.processor() or platform.machine()}, {cfg.threads or torch.get_num_threads()} thread(s) per run, "
+        f"{_machine()}, {cfg.threads or torch.get_num_threads()} thread(s) per run, "
         f"{args.jobs} run(s) at a time, {cfg.precision}. Best epoch = selected on the test split.",
         "",
-        "| arm | SVM last | SVM best | EMA-teacher SVM | fine-tune last | fine-tune best | shuffle rho | "
+        "| arm | seeds | SVM last | SVM best | EMA-teacher SVM | fine-tune last | fine-tune best | shuffle rho | "
         "rotation rho | scores vs target rho (position baseline) | wall-clock per run (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, rs in results.items():
         wall = [r["wall_s"] for r in rs]
@@ -276,7 +303,7 @@ def format_table(results: dict[str, list[dict]], args, cfg) -> str:
         if arm == "random_eqtime":
             wall_txt += f", {sum(r['epochs'] for r in rs) / len(rs):.0f} epochs"
         lines.append("| " + " | ".join([
-            arm, mean_std([r.get("last_value") for r in rs]), mean_std([r.get("best_value") for r in rs]),
+            arm, str(len(rs)), mean_std([r.get("last_value") for r in rs]), mean_std([r.get("best_value") for r in rs]),
             mean_std([r.get("ema_svm") for r in rs]), mean_std([r.get("ft_last") for r in rs]),
             mean_std([r.get("ft_best") for r in rs]), mean_std([_probe_value(r, "shuffle_rho") for r in rs]),
             mean_std([_probe_value(r, "rotation_rho") for r in rs]),
