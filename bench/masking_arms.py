@@ -37,7 +37,7 @@ ARMS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.ops import cpu_name
+    from utils.misc import cpu_name
     from tools.builders import build_model_from_cfg
     from utils.config import load_config
 

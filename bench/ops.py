@@ -24,6 +24,7 @@ import torch
 
 from extensions import backends, chamfer_l2, fps, group, knn
 from extensions.pointops import dispatch
+from utils.misc import cpu_name
 
 
 def naive_fps(xyz: torch.Tensor, npoint: int) -> torch.Tensor:
@@ -91,16 +92,6 @@ def fwd_bwd(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: to
         loss_fn(x, y).backward()
 
     return run
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:

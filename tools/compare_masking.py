@@ -275,20 +275,14 @@ def _probe_value(r: dict, key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _machine() -> str:
-    try:
-        from bench.ops import cpu_name
-        return cpu_name()
-    except Exception:  # noqa: BLE001 - a description only
-        return platform.processor() or platform.machine()
-
-
 def format_table(results: dict[str, list[dict]], args, cfg) -> str:
+    from utils.misc import cpu_name
+
     lines = [
         f"Linear-SVM and fine-tuning accuracy (%) on `{cfg.dataset.svm_test.get('NAME', '?')}`, mean ± std over "
         f"seeds {args.seeds}; `{args.config}` {' '.join(args.opts)}; {cfg.max_epoch} epochs at batch "
         f"{cfg.total_bs}; masked-count rule `{args.count}` for every arm; GM3D overrides {' '.join(args.gm3d)}; "
-        f"{_machine()}, {cfg.threads or torch.get_num_threads()} thread(s) per run, "
+        f"{cpu_name()}, {cfg.threads or torch.get_num_threads()} thread(s) per run, "
         f"{args.jobs} run(s) at a time, {cfg.precision}. Best epoch = selected on the test split.",
         "",
         "| arm | seeds | SVM last | SVM best | EMA-teacher SVM | fine-tune last | fine-tune best | shuffle rho | "
