@@ -18,6 +18,8 @@ Forward: group -> embed -> prepend cls token / cls position -> blocks -> LayerNo
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,14 +49,19 @@ class PointTransformer(Classifier):
         encoder_dims: patch-embedding width (must equal trans_dim, as in every official config).
         label_smoothing: cross-entropy label smoothing (0 = the official plain CE; GM3D's MAE-style
             fine-tuning uses 0.1).
+        init: ``trunc_normal`` (Point-MAE's from-scratch init: trunc-normal 0.02 for Linear / Conv1d,
+            LayerNorm 1 / 0, cls token and position trunc-normal) or ``pytorch`` (no init call: PyTorch's
+            defaults, zero cls token and position, as GM3D's released classifier starts).
     """
 
     ARCH = "point_mae"
 
     def __init__(self, trans_dim: int = 384, depth: int = 12, drop_path_rate: float = 0.1, cls_dim: int = 40,
                  num_heads: int = 6, group_size: int = 32, num_group: int = 64, encoder_dims: int = 384,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, init: Literal["trunc_normal", "pytorch"] = "trunc_normal"):
         super().__init__()
+        if init not in ("trunc_normal", "pytorch"):
+            raise ConfigError(f"PointTransformer: init must be 'trunc_normal' or 'pytorch', got {init!r}")
         if encoder_dims != trans_dim:
             raise ConfigError(f"PointTransformer: encoder_dims ({encoder_dims}) must equal trans_dim ({trans_dim})")
         if cls_dim < 1:
@@ -63,7 +70,8 @@ class PointTransformer(Classifier):
             raise ConfigError(f"PointTransformer: label_smoothing must be in [0, 1), got {label_smoothing}")
         self.config = {"trans_dim": trans_dim, "depth": depth, "drop_path_rate": drop_path_rate,
                        "cls_dim": cls_dim, "num_heads": num_heads, "group_size": group_size,
-                       "num_group": num_group, "encoder_dims": encoder_dims, "label_smoothing": label_smoothing}
+                       "num_group": num_group, "encoder_dims": encoder_dims, "label_smoothing": label_smoothing,
+                       "init": init}
         self.trans_dim, self.cls_dim = trans_dim, cls_dim
         self.group_size, self.num_group = group_size, num_group
         self.label_smoothing = label_smoothing
@@ -77,10 +85,10 @@ class PointTransformer(Classifier):
             nn.Linear(2 * trans_dim, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Dropout(0.5),
             nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Dropout(0.5),
             nn.Linear(256, cls_dim))
-        # the official "from scratch" init: trunc_normal(0.02) for Linear / Conv1d, LayerNorm (1, 0)
-        self.apply(_init_trunc_normal)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.cls_pos, std=0.02)
+        if init == "trunc_normal":  # Point-MAE's "from scratch" init
+            self.apply(_init_trunc_normal)
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            nn.init.trunc_normal_(self.cls_pos, std=0.02)
 
     # ------------------------------------------------------------------ pieces
     def tokens(self, points: torch.Tensor) -> torch.Tensor:

@@ -237,3 +237,18 @@ def test_content_scorer_rank_correlates_with_what_it_was_trained_on():
     pts = torch.randn(4, 12, 8, 3) * torch.rand(4, 12, 1, 1)
     rho = spearman_per_row(net(pts).detach(), pts.pow(2).sum(-1).mean(-1)).mean()
     assert rho > 0.8
+
+
+def test_classifier_pytorch_init_keeps_the_default_initialisation():
+    from models.classifier import PointTransformer
+
+    kw = dict(trans_dim=48, depth=1, num_heads=3, encoder_dims=48, cls_dim=4, group_size=8, num_group=8)
+    torch.manual_seed(0)
+    ours = PointTransformer(**kw)
+    torch.manual_seed(0)
+    default = PointTransformer(**kw, init="pytorch")
+    assert torch.count_nonzero(default.cls_token) == 0 and torch.count_nonzero(ours.cls_token) > 0
+    assert default.blocks.blocks[0].mlp.fc1.bias.abs().sum() > 0  # PyTorch's default: non-zero bias
+    assert ours.blocks.blocks[0].mlp.fc1.bias.abs().sum() == 0     # trunc-normal init: zero bias
+    with pytest.raises(ConfigError, match="init must be"):
+        PointTransformer(**kw, init="xavier")

@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true",
                    help="run nothing: tabulate the runs and evaluations already finished in --out (an interrupted "
                         "experiment, or one still running); each row says how many seeds it has")
+    p.add_argument("--no-train", action="store_true",
+                   help="pre-train nothing: evaluate the runs that have finished (e.g. beside a running experiment)")
     p.add_argument("opts", nargs="*", help="overrides for every arm (e.g. max_epoch=20 total_bs=4 threads=1)")
     args = p.parse_args(argv)
     arms = list(args.arms or [a for a in ARMS if a != "random_eqtime" or args.equal_time])
@@ -214,10 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                 rand, opt = deps
                 eq = args.eqtime_epochs or max(epochs, round(epochs * opt["wall_s"] / rand["wall_s"]))
                 res = run_arm(args.config, run_dir, [*common, f"max_epoch={eq}", f"scheduler.kwargs.epochs={eq}"],
-                              args.report)
+                              args.report or args.no_train)
                 return None if res is None else {**res, "epochs": eq}
             res = run_arm(args.config, run_dir, arm_overrides(arm, args, common, out / f"random_s{seed}" /
-                                                              "ckpt-last.pth", epochs), args.report)
+                                                              "ckpt-last.pth", epochs), args.report or args.no_train)
             if res is None:
                 return None
             if arm.startswith("gm3d"):
