@@ -17,6 +17,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.py)
+    from utils.omp import apply_wait_policy
+
+    apply_wait_policy()
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
