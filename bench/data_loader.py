@@ -18,6 +18,7 @@ first time, costs; *warm* rows read them right after another pass.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -52,8 +53,12 @@ def generate(root: Path, shapes: int, points: int = 8192) -> None:
     (root / "ShapeNet-55" / "test.txt").write_text(names[0] + "\n")
 
 
-def evict(paths: list[Path]) -> None:
-    """Drop the clean pages of ``paths`` from the page cache (only files this bench wrote)."""
+def evict(dataset, paths: list[Path]) -> None:
+    """Drop the clean pages of ``paths`` from the page cache (only files this bench wrote). A pack's memory
+    map is closed first: the kernel keeps pages that are still mapped."""
+    if dataset.packed is not None:
+        dataset.packed._data = None
+        gc.collect()
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -114,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[tuple[str, str], list[float]] = {}
         for r in range(args.repeats):  # rows interleaved so load drift weighs on all alike
             for name, ds in readers.items():
-                evict(files[name])
+                evict(ds, files[name])
                 times.setdefault((name, "cold"), []).append(one_pass(ds, args.batch, 2 * r))
                 times.setdefault((name, "warm"), []).append(one_pass(ds, args.batch, 2 * r + 1))
-                evict(files[name])
+                evict(ds, files[name])
                 times.setdefault((name, "cold, read only"), []).append(read_only(ds, 2 * r))
                 times.setdefault((name, "warm, read only"), []).append(read_only(ds, 2 * r + 1))
     load1 = os.getloadavg()
