@@ -10,9 +10,9 @@ order through the engine's DataLoader path (batch ``--batch``, ``num_workers=0``
 the per-item work (file read or memory-map slice, the seeded draw of ``--npoints`` rows, ``pc_norm``).
 
 The *read only* rows read each stored cloud (``np.load`` of the file, or a copy of the pack's slice)
-without the item pipeline, which isolates the I/O. Rows with a *cold* page cache evict the files from the OS page cache first (``posix_fadvise
-DONTNEED`` on the files this bench wrote), which is what a data set larger than RAM, or read for the
-first time, costs; *warm* rows read them right after another pass.
+without the item pipeline, which isolates the I/O. Rows with a *cold* page cache evict the files from
+the OS page cache first (``posix_fadvise DONTNEED`` on the files this bench wrote), which is what a data
+set larger than RAM, or read for the first time, costs; *warm* rows read them right after another pass.
 """
 
 from __future__ import annotations
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
           f"1-min load {load0[0]:.1f} at start, {load1[0]:.1f} at end.")
     print(f"Data: {n:,} generated shapes of 8192 x 3 float32 ({n * 8192 * 12 / 1e9:.2f} GB; the official "
-          f"ShapeNet-55 train split is {OFFICIAL_TRAIN:,} shapes, 4.1 GB); generated in {t_gen:.0f} s, packed "
-          f"in {t_pack:.0f} s. Each row: every shape once, random order, batch {args.batch}, "
+          f"ShapeNet-55 train split is {OFFICIAL_TRAIN:,} shapes, 4.1 GB); generated in {t_gen:.0f} s, "
+          f"packed in {t_pack:.0f} s. Each row: every shape once, random order, batch {args.batch}, "
           f"{args.npoints} points drawn per shape, num_workers=0, median of {args.repeats} passes.")
     print()
     print(f"| reader | page cache | samples/s | ms per batch of {args.batch} | speed-up vs per-file |")

@@ -35,7 +35,7 @@ part() {  # part SECONDS TITLE COMMAND...
 } >> "$LOG"
 
 # 1. The tests that are skipped without CUDA, plus the compile equality tests (~30 s).
-part 50 "CUDA-only tests" python -m pytest -q -x tests/test_host_sync.py tests/test_compile.py
+part 50 "CUDA-only tests" python -m pytest -q -x -m "not slow" tests/test_host_sync.py tests/test_compile.py
 
 # 2. Eager steps: Point-MAE, GM3D, Point-M2AE at batch 32 / 128 / 256, fp32 and bf16; the official
 #    formulation at batch 32 for the speed-up column (~2.5 min).
@@ -48,7 +48,8 @@ part 110 "Compiled vs eager, bf16, batch 128" python bench/pretrain_step.py --de
     --configs paper gm3d m2ae --batches 128 --precisions bf16 --modes eager compiled --no-baseline \
     --repeats 10 --warmup 3
 part 70 "Compiled vs eager, fp32, batch 128 and 256 (Point-MAE)" python bench/pretrain_step.py --device cuda \
-    --configs paper --batches 128 256 --precisions fp32 --modes eager compiled --no-baseline --repeats 10 --warmup 3
+    --configs paper --batches 128 256 --precisions fp32 --modes eager compiled --no-baseline \
+    --repeats 10 --warmup 3
 
 # 4. The data readers on this host's disk and cores (~1 min).
 part 50 "Data readers (per-file vs packed)" python bench/data_loader.py --shapes 4000 --repeats 2

@@ -198,5 +198,5 @@ class PackedClouds:
     def describe(self) -> str:
         """One line: the pack, its item count and its source."""
         m = self.manifest
-        return (f"{self.manifest_path}: {len(self)} {m['dataset']} items, {m['rows']} x {m['columns']} float32, "
-                f"from {m['source']}")
+        return (f"{self.manifest_path}: {len(self)} {m['dataset']} items, {m['rows']} x {m['columns']} "
+                f"float32, from {m['source']}")

@@ -77,8 +77,8 @@ def test_disabled_is_the_module_and_bad_specs_name_the_key() -> None:
 def test_engine_trains_through_the_compiled_forward(tmp_path: Path) -> None:
     overrides = ["max_epoch=1", "total_bs=4", "log.progress_bar=false", "log.tensorboard=false",
                  "eval.best_metric=null"]
-    data = [{"points": torch.randn(128, 3, generator=torch.Generator().manual_seed(i)), "label": torch.tensor(0)}
-            for i in range(8)]
+    data = [{"points": torch.randn(128, 3, generator=torch.Generator().manual_seed(i)),
+             "label": torch.tensor(0)} for i in range(8)]
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["compile.enabled=true", "compile.backend=aot_eager"])):
         cfg = load_config(REPO / "cfgs/pretrain/quickstart.yaml", overrides + extra)

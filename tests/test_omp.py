@@ -50,12 +50,22 @@ def test_entry_scripts_apply_the_policy_before_torch(script: str) -> None:
 
 @pytest.mark.slow
 def test_an_entry_script_runs_with_passive_unless_told() -> None:
-    probe = ("import os, runpy, sys; sys.argv = ['prepare_data.py', 'layout', 'shapenet', '--root', '/nonexistent'];"
-             "\ntry:\n    runpy.run_path('tools/prepare_data.py', run_name='__main__')\n"
-             "except SystemExit:\n    pass\nprint('policy', os.environ.get('OMP_WAIT_POLICY'))")
+    probe = "\n".join([
+        "import os, runpy, sys",
+        "sys.argv = ['prepare_data.py', 'layout', 'shapenet', '--root', '/nonexistent']",
+        "try:",
+        "    runpy.run_path('tools/prepare_data.py', run_name='__main__')",
+        "except SystemExit:",
+        "    pass",
+        "print('policy', os.environ.get('OMP_WAIT_POLICY'))",
+    ])
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", CHOICE_VAR)}
-    run = lambda extra: subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={**env, **extra},  # noqa: E731
-                                       capture_output=True, text=True, timeout=120).stdout.splitlines()[-1]
+
+    def run(extra: dict[str, str]) -> str:
+        out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={**env, **extra},
+                             capture_output=True, text=True, timeout=120)
+        return out.stdout.splitlines()[-1]
+
     assert run({}) == "policy PASSIVE"
     assert run({"OMP_WAIT_POLICY": "ACTIVE"}) == "policy ACTIVE"
     assert run({CHOICE_VAR: "default"}) == "policy None"

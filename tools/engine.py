@@ -114,7 +114,8 @@ def compile_forward(module: nn.Module, spec: Mapping[str, Any] | None, where: st
     kwargs: dict[str, Any] = {"backend": backend, "dynamic": spec.get("dynamic")}
     if spec.get("mode") is not None:
         if backend != "inductor":
-            raise ConfigError(f"{where}.mode = {spec['mode']!r} needs {where}.backend = inductor, not {backend!r}")
+            raise ConfigError(
+                f"{where}.mode = {spec['mode']!r} needs {where}.backend = inductor, not {backend!r}")
         kwargs["mode"] = spec["mode"]
     return torch.compile(module, **kwargs)
 
@@ -265,8 +266,8 @@ class Trainer:
         sync_every = (cfg.get("log") or {}).get("sync_every")
         if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, int)
                                        or sync_every < 1):
-            raise ConfigError(f"log.sync_every = {sync_every!r}; expected an integer >= 1, or null (auto: 1 on "
-                              f"CPU, {CUDA_SYNC_EVERY} on CUDA)")
+            raise ConfigError(f"log.sync_every = {sync_every!r}; expected an integer >= 1, or null (auto: 1 "
+                              f"on CPU, {CUDA_SYNC_EVERY} on CUDA)")
         self.sync_every = sync_every or (CUDA_SYNC_EVERY if self.device.type == "cuda" else 1)
         if self.world > 1:
             self.sampler = DistributedSampler(train_set, shuffle=True, seed=self.seed, drop_last=True)
@@ -431,17 +432,17 @@ class Trainer:
             return
         j = int((~finite).nonzero()[0, 0])
         bad_it, value = window[j][0], float(losses[j])
-        head = (f"non-finite loss {value} at epoch {epoch}, iteration {bad_it} (found by the check after iteration "
-                f"{it}: log.sync_every = {self.sync_every}, so the updates since then were applied); the run stops "
-                f"here. ")
+        head = (f"non-finite loss {value} at epoch {epoch}, iteration {bad_it} (found by the check after "
+                f"iteration {it}: log.sync_every = {self.sync_every}, so the updates since then were "
+                f"applied); the run stops here. ")
         again = " Set log.sync_every=1 to stop at the failing batch itself, before its update."
         if bool(window[j][2]):
             raise NonFiniteLossError(
                 head + "The input batch is the cause: non-finite (NaN/inf) or huge (|x| > "
-                f"{HUGE_COORDINATE:.0e}) coordinates in it. Check the training data (dataset.train) rather than "
-                f"the learning rate. {self._last_good_message(None, epoch)}{again}")
-        raise NonFiniteLossError(head + self._last_good_message(None, epoch) +
-                                 " Try a lower optimizer.kwargs.lr, grad_norm_clip, or precision=fp32." + again)
+                f"{HUGE_COORDINATE:.0e}) coordinates in it. Check the training data (dataset.train) rather "
+                f"than the learning rate. {self._last_good_message(None, epoch)}{again}")
+        advice = " Try a lower optimizer.kwargs.lr, grad_norm_clip, or precision=fp32."
+        raise NonFiniteLossError(head + self._last_good_message(None, epoch) + advice + again)
 
     def _last_good_message(self, batch: Mapping[str, Any] | None, epoch: int) -> str:
         """Name the newest checkpoint of this run whose weights are finite and (given the failing batch) whose
