@@ -40,12 +40,12 @@ part 50 "CUDA-only tests" python -m pytest -q -x -m "not slow" tests/test_host_s
 # 2. Eager steps: Point-MAE, GM3D, Point-M2AE at batch 32 / 128 / 256, fp32 and bf16; the official
 #    formulation at batch 32 for the speed-up column (~2.5 min).
 part 170 "Eager pre-training steps" python bench/pretrain_step.py --device cuda --configs paper gm3d m2ae \
-    --batches 32 128 256 --precisions fp32 bf16 --repeats 10 --warmup 3
+    --batches 32 128 256 --precisions fp32 bf16 --repeats 10 --warmup 3 --pipelined
 
 # 3. torch.compile (inductor) against eager at batch 128, bf16 first, then fp32 (~3 min: most of it is
 #    the compilation, reported per row on the log's stderr lines).
 part 110 "Compiled vs eager, bf16, batch 128" python bench/pretrain_step.py --device cuda \
-    --configs paper gm3d m2ae --batches 128 --precisions bf16 --modes eager compiled --no-baseline \
+    --configs paper gm3d m2ae --batches 128 --precisions bf16 --modes eager compiled --no-baseline --pipelined \
     --repeats 10 --warmup 3
 part 70 "Compiled vs eager, fp32, batch 128 and 256 (Point-MAE)" python bench/pretrain_step.py --device cuda \
     --configs paper --batches 128 256 --precisions fp32 --modes eager compiled --no-baseline \

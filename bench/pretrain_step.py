@@ -275,9 +275,10 @@ class Step:
         hooks_of(self.model).on_epoch_start(epoch, GM3D_EPOCHS)
         self.peak = 0  # bytes: the row's weights, buffers, optimizer state + its step's largest transient
 
-    def __call__(self) -> float:
+    def __call__(self, sync: bool = True) -> float:
+        """One step; ``sync=False`` reads nothing back (no loss check, no synchronize, no peak)."""
         model, opt = self.model, self.opt
-        cuda = self.device.type == "cuda"
+        cuda = self.device.type == "cuda" and sync
         if cuda:
             start = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -285,7 +286,7 @@ class Step:
         with autocast_context(self.device, self.precision):
             out = self.forward({"points": pts}, epoch=self.epoch, generator=self.gen)
         loss = out["loss"]
-        value = loss.item()
+        value = loss.item() if sync else 0.0
         if not math.isfinite(value):
             raise FloatingPointError(f"non-finite loss {value}")
         loss.backward()
@@ -294,7 +295,8 @@ class Step:
         opt.step()
         opt.zero_grad(set_to_none=True)
         hooks_of(model).after_step()
-        synchronize(self.device)
+        if sync:
+            synchronize(self.device)
         if cuda:  # other rows stay allocated: count this row's own tensors, plus the step's growth
             transient = torch.cuda.max_memory_allocated(self.device) - start
             self.peak = max(self.peak, self.resident_bytes() + transient)
@@ -307,13 +309,14 @@ class Step:
         return sum(t.nbytes for t in tensors if t.device.type == "cuda")
 
 
-def time_steps(steps: dict, warmup: int, repeats: int) -> dict:
+def time_steps(steps: dict, warmup: int, repeats: int, pipelined: bool = False) -> dict:
     """Warm every step up, then time them round-robin ``repeats`` times; seconds per step.
 
     Round-robin (not one row after another) so that a shared machine's load, which drifts over
     minutes, weighs on every row alike, including the GM3D / Point-MAE ratio. A row whose warm-up raises
     (e.g. a compiler failure) is dropped with a note on stderr; each step's ``warmup_s`` holds its warm-up
-    time (for compiled rows, mostly the compilation).
+    time (for compiled rows, mostly the compilation). ``pipelined`` adds, per row, a block of ``repeats``
+    steps with no host read between them (key + ``("pipelined",)``, one mean time).
     """
     for key in list(steps):
         t0 = time.perf_counter()
@@ -331,6 +334,15 @@ def time_steps(steps: dict, warmup: int, repeats: int) -> dict:
             t0 = time.perf_counter()
             step()
             times[key].append(time.perf_counter() - t0)
+    for key in [k for k in steps if pipelined and k[1] == "ours"]:
+        # The engine's regime (log.sync_every > 1): `repeats` steps queued back to back, one read at the end.
+        step = steps[key]
+        synchronize(step.device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step(sync=False)
+        synchronize(step.device)
+        times[key + ("pipelined",)] = [(time.perf_counter() - t0) / repeats]
     return times
 
 
@@ -419,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="eager and/or torch.compile (inductor) of the training forward (default: eager)")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode of compiled rows (default: inductor's; e.g. reduce-overhead)")
+    ap.add_argument("--pipelined", action="store_true",
+                    help="also time each project row as a block of --repeats steps with no host read between "
+                         "them (the engine with log.sync_every > 1); the official rows read the loss every step")
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 8, 1 warm-up + 2 timed steps")
     args = ap.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
@@ -510,7 +525,7 @@ def time_group(args, cfgs, teachers, precision: str, batch_size: int | None, dev
                                                       precision, device, official_scale_translate, epoch,
                                                       optimizer_impl="default")
     t0 = time.perf_counter()
-    times = time_steps(steps, warmup, repeats)
+    times = time_steps(steps, warmup, repeats, pipelined=args.pipelined)
     peaks = {k: step.peak for k, step in steps.items()}
     warm = {k: step.warmup_s for k, step in steps.items()}
     del steps
@@ -518,21 +533,23 @@ def time_group(args, cfgs, teachers, precision: str, batch_size: int | None, dev
         torch.cuda.empty_cache()
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
-    for (name, impl, mode), ts in times.items():
+    for key, ts in times.items():
+        name, impl, mode = key[:3]
+        if len(key) > 3:  # the pipelined block of this row
+            mode = f"{mode}, no per-step read"
         base = med.get((name, "official", "eager"))
         batch, npoints = shapes[name]
         plain = med.get(("m2ae" if name.startswith("m2ae") else "paper", impl, mode))
-        sps = batch / med[(name, impl, mode)]
+        sps = batch / med[key]
         rows.append({"config": name, "impl": impl, "mode": mode, "precision": precision, "batch": batch,
-                     "npoints": npoints, "median": med[(name, impl, mode)], "min": min(ts), "max": max(ts),
-                     "peak": peaks[(name, impl, mode)], "samples_per_s": sps,
-                     "warmup_s": warm[(name, impl, mode)],
-                     "speedup": base / med[(name, impl, mode)] if base else None,
-                     "ratio": med[(name, impl, mode)] / plain if name in GM3D_CONFIGS and plain else None,
+                     "npoints": npoints, "median": med[key], "min": min(ts), "max": max(ts),
+                     "peak": peaks[key[:3]], "samples_per_s": sps, "warmup_s": warm[key[:3]],
+                     "speedup": base / med[key] if base else None,
+                     "ratio": med[key] / plain if name in GM3D_CONFIGS and plain and len(key) == 3 else None,
                      "projected_h": RECIPE_EPOCHS[name] * SHAPENET55_TRAIN / sps / 3600
                      if name in RECIPE_EPOCHS else None})
     print(f"  .. {precision}, batch {batch_size or 'default'} ({time.perf_counter() - t0:.0f} s): "
-          + ", ".join(f"{n}/{i}/{m} {fmt_ms(v)} ms" for (n, i, m), v in med.items()),
+          + ", ".join(f"{'/'.join(k)} {fmt_ms(v)} ms" for k, v in med.items()),
           file=sys.stderr, flush=True)
     return rows
 
