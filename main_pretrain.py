@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.py)
+    from utils.omp import apply_wait_policy
+
+    apply_wait_policy()
 
 from tools.cli import OVERRIDES_HELP, add_data_args, data_overrides, parse_with_overrides  # noqa: E402
 from tools.runs import run_cli, run_pretrain  # noqa: E402

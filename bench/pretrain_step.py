@@ -2,7 +2,11 @@
 
     python bench/pretrain_step.py [--device cpu|cuda] [--repeats N] [--warmup W]
                                   [--configs paper quickstart gm3d m2ae m2ae_gm3d] [--precisions fp32 bf16]
-                                  [--threads T] [--quick]
+                                  [--threads T] [--quick] [--batches 32 128 256] [--modes eager compiled]
+                                  [--compile-mode MODE]
+
+Each row also reports samples/s, the projected wall-clock of the paper recipe (Point-MAE / Point-M2AE 300
+epochs, GM3D 400, of 41,952 ShapeNet-55 shapes) and, on CUDA, the peak memory of its step.
 
 One step is what the training engine does per iteration: the batch augmentation, the forward under
 autocast (``tools.engine.autocast_context``), backward, gradient clipping when the config sets
@@ -64,7 +68,7 @@ from models.gm3d import PointMAEGM3D
 from models.layers import Attention, PatchEmbed, TransformerDecoder
 from models.point_mae import PointMAE
 from tools import checkpoint as ckpt_io
-from tools.engine import autocast_context, hooks_of
+from tools.engine import autocast_context, compile_forward, hooks_of
 from tools.optim import build_optimizer
 from tools.pretrained import load_knowledge_teacher
 from utils.config import load_config
@@ -81,6 +85,8 @@ PAPER_CONFIGS = ("paper", "gm3d", "m2ae", "m2ae_gm3d")
 GM3D_CONFIGS = ("gm3d", "m2ae_gm3d")
 PAPER_BATCH = 32          # the batch the official timings in issues 2 and 3 were taken at
 GM3D_EPOCH, GM3D_EPOCHS = 200, 400
+SHAPENET55_TRAIN = 41_952  # shapes per epoch of the paper recipes
+RECIPE_EPOCHS = {"paper": 300, "gm3d": 400, "m2ae": 300, "m2ae_gm3d": 400}  # Point-MAE / GM3D / Point-M2AE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,8 +259,12 @@ class Step:
     """One engine iteration of ``model`` on a fixed batch; ``__call__`` returns the loss."""
 
     def __init__(self, model: nn.Module, cfg, points: torch.Tensor, precision: str, device: torch.device,
-                 augment: Callable, epoch: int = 0, optimizer_impl: str = "auto"):
+                 augment: Callable, epoch: int = 0, optimizer_impl: str = "auto", compiled: bool = False,
+                 compile_mode: str | None = None):
         self.model = model.to(device).train()
+        self.forward = compile_forward(self.model, {"enabled": compiled, "backend": "inductor",
+                                                    "mode": compile_mode if compiled else None})
+        self.warmup_s = 0.0
         opt_cfg = dict(cfg["optimizer"])
         opt_cfg["kwargs"] = dict(opt_cfg.get("kwargs", {}), implementation=optimizer_impl)
         self.opt = build_optimizer(self.model, opt_cfg)
@@ -263,14 +273,20 @@ class Step:
             points, precision, device, augment, epoch
         self.gen = torch.Generator().manual_seed(0)
         hooks_of(self.model).on_epoch_start(epoch, GM3D_EPOCHS)
+        self.peak = 0  # bytes: the row's weights, buffers, optimizer state + its step's largest transient
 
-    def __call__(self) -> float:
+    def __call__(self, sync: bool = True) -> float:
+        """One step; ``sync=False`` reads nothing back (no loss check, no synchronize, no peak)."""
         model, opt = self.model, self.opt
+        cuda = self.device.type == "cuda" and sync
+        if cuda:
+            start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         pts = self.augment(self.points.clone(), self.gen)
         with autocast_context(self.device, self.precision):
-            out = model({"points": pts}, epoch=self.epoch, generator=self.gen)
+            out = self.forward({"points": pts}, epoch=self.epoch, generator=self.gen)
         loss = out["loss"]
-        value = loss.item()
+        value = loss.item() if sync else 0.0
         if not math.isfinite(value):
             raise FloatingPointError(f"non-finite loss {value}")
         loss.backward()
@@ -279,25 +295,54 @@ class Step:
         opt.step()
         opt.zero_grad(set_to_none=True)
         hooks_of(model).after_step()
-        synchronize(self.device)
+        if sync:
+            synchronize(self.device)
+        if cuda:  # other rows stay allocated: count this row's own tensors, plus the step's growth
+            transient = torch.cuda.max_memory_allocated(self.device) - start
+            self.peak = max(self.peak, self.resident_bytes() + transient)
         return value
 
+    def resident_bytes(self) -> int:
+        """Bytes of the weights, buffers and optimizer state this row keeps between steps."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [v for st in self.opt.state.values() for v in st.values() if torch.is_tensor(v)]
+        return sum(t.nbytes for t in tensors if t.device.type == "cuda")
 
-def time_steps(steps: dict, warmup: int, repeats: int) -> dict:
+
+def time_steps(steps: dict, warmup: int, repeats: int, pipelined: bool = False) -> dict:
     """Warm every step up, then time them round-robin ``repeats`` times; seconds per step.
 
     Round-robin (not one row after another) so that a shared machine's load, which drifts over
-    minutes, weighs on every row alike, including the GM3D / Point-MAE ratio.
+    minutes, weighs on every row alike, including the GM3D / Point-MAE ratio. A row whose warm-up raises
+    (e.g. a compiler failure) is dropped with a note on stderr; each step's ``warmup_s`` holds its warm-up
+    time (for compiled rows, mostly the compilation). ``pipelined`` adds, per row, a block of ``repeats``
+    steps with no host read between them (key + ``("pipelined",)``, one mean time).
     """
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
+    for key in list(steps):
+        t0 = time.perf_counter()
+        try:
+            for _ in range(warmup):
+                steps[key]()
+        except Exception as e:  # noqa: BLE001 - report the row and keep the others
+            print(f"  !! row {key} failed in warm-up: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+            del steps[key]
+            continue
+        steps[key].warmup_s = time.perf_counter() - t0
     times: dict = {k: [] for k in steps}
     for _ in range(repeats):
         for key, step in steps.items():
             t0 = time.perf_counter()
             step()
             times[key].append(time.perf_counter() - t0)
+    for key in [k for k in steps if pipelined and k[1] == "ours"]:
+        # The engine's regime (log.sync_every > 1): `repeats` steps queued back to back, one read at the end.
+        step = steps[key]
+        synchronize(step.device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step(sync=False)
+        synchronize(step.device)
+        times[key + ("pipelined",)] = [(time.perf_counter() - t0) / repeats]
     return times
 
 
@@ -379,6 +424,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = torch default)")
     ap.add_argument("--batch", type=int, default=None, help="override the batch of every config")
     ap.add_argument("--no-baseline", action="store_true", help="time the project steps only")
+    ap.add_argument("--batches", type=int, nargs="+", default=None,
+                    help="batch sizes, each a separate round-robin group (e.g. 32 128 256; default: --batch "
+                         "or each config's); the official baseline runs at batch 32 only")
+    ap.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"],
+                    help="eager and/or torch.compile (inductor) of the training forward (default: eager)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of compiled rows (default: inductor's; e.g. reduce-overhead)")
+    ap.add_argument("--pipelined", action="store_true",
+                    help="also time each project row as a block of --repeats steps with no host read between "
+                         "them (the engine with log.sync_every > 1); the official rows read the loss every step")
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 8, 1 warm-up + 2 timed steps")
     args = ap.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
@@ -386,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     batch_override = args.batch or (8 if args.quick else None)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("CUDA is not available", file=sys.stderr)
+        print("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)",
+              file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -400,75 +456,127 @@ def main(argv: list[str] | None = None) -> int:
         if not native_bf16(device):
             precisions = ["fp32"]
             skipped_bf16 = linear_probe(device)
+    batches = args.batches or [batch_override]
     load0 = os.getloadavg()
-    rows: list[dict] = []
     t_start = time.perf_counter()
+    threads = torch.get_num_threads()
+    omp = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; " if device.type == "cpu" else ""
+    # The table is printed group by group (flushed), so a run cut short by a time limit keeps its rows.
+    print(f"Machine: {machine(device)}; torch {torch.__version__}; {omp}{warmup} warm-up + {repeats} timed "
+          f"steps per row, the rows of a (precision, batch) group round-robin; 1-min load average "
+          f"{load0[0]:.1f} at start.")
+    if skipped_bf16:
+        print(f"bf16 rows skipped: this CPU has no native bf16 matmul (oneDNN reports none; one "
+              f"832x384->1536 Linear: {skipped_bf16}). Force them with --precisions fp32 bf16.")
+    print(f"Projected: epochs x {SHAPENET55_TRAIN:,} ShapeNet-55 train shapes / samples per s (steps only: "
+          f"data loading keeping up, no evaluation); Point-MAE and Point-M2AE 300 epochs, GM3D 400."
+          + (" Peak GiB: the row's weights, buffers and optimizer state plus its step's largest transient "
+             "(torch.cuda.max_memory_allocated)." if device.type == "cuda" else ""))
+    print()
+    header = True
     with tempfile.TemporaryDirectory() as tmp:
-        teacher = os.path.join(tmp, "teacher.pth")
         cfgs = {name: model_cfg(name) for name in args.configs}
         teachers = {name: os.path.join(tmp, f"teacher_{name}.pth") for name in cfgs if name in GM3D_CONFIGS}
         for name, path in teachers.items():
             write_teacher(cfgs[name], path)
         for precision in precisions:
-            steps: dict = {}
-            shapes: dict = {}
-            for name, cfg in cfgs.items():
-                batch = batch_override or (PAPER_BATCH if name in PAPER_CONFIGS else int(cfg["total_bs"]))
-                teacher = teachers.get(name)
-                npoints = int(cfg["npoints"])
-                shapes[name] = (batch, npoints)
-                points = make_points(batch, npoints, device)
-                epoch = GM3D_EPOCH if name in GM3D_CONFIGS else 0
-                torch.manual_seed(0)
-                steps[(name, "ours")] = Step(build(name, cfg, teacher), cfg, points, precision, device,
-                                             ScaleAndTranslate(), epoch)
-                if not args.no_baseline and not name.startswith("m2ae"):
-                    torch.manual_seed(0)
-                    steps[(name, "official")] = Step(officialize(build(name, cfg, teacher)), cfg, points,
-                                                     precision, device, official_scale_translate, epoch,
-                                                     optimizer_impl="default")
-            times = time_steps(steps, warmup, repeats)
-            del steps
-            med = {k: statistics.median(v) for k, v in times.items()}
-            for (name, impl), ts in times.items():
-                base = med.get((name, "official"))
-                batch, npoints = shapes[name]
-                plain = med.get(("m2ae" if name.startswith("m2ae") else "paper", impl))
-                rows.append({"config": name, "impl": impl, "precision": precision, "batch": batch,
-                             "npoints": npoints, "median": med[(name, impl)], "min": min(ts), "max": max(ts),
-                             "speedup": base / med[(name, impl)] if base else None,
-                             "ratio": med[(name, impl)] / plain if name in GM3D_CONFIGS and plain else None})
-            print(f"  .. {precision}: " + ", ".join(f"{n}/{i} {fmt_ms(v)} ms" for (n, i), v in med.items()),
-                  file=sys.stderr, flush=True)
-    load1 = os.getloadavg()
+            for batch_size in batches:
+                rows = time_group(args, cfgs, teachers, precision, batch_size, device, warmup, repeats)
+                table = format_table(rows, threads if device.type == "cpu" else "GPU", device.type == "cuda")
+                lines = table.split("\n")[0 if header else 2:]
+                if lines:
+                    print("\n".join(lines), flush=True)
+                header = False
+                for r in rows:
+                    if r["mode"] == "compiled":
+                        print(f"  (compiled {r['config']} {precision} batch {r['batch']}: {warmup} warm-up "
+                              f"steps incl. compilation took {r['warmup_s']:.0f} s)", file=sys.stderr,
+                              flush=True)
+    total = time.perf_counter() - t_start
+    print(f"\nTotal {total:.0f} s; 1-min load average {os.getloadavg()[0]:.1f} at end.")
+    return 0
 
-    label = {"paper": "Point-MAE", "quickstart": "Point-MAE", "gm3d": "GM3D (C, GC dec 12)",
-             "m2ae": "Point-M2AE", "m2ae_gm3d": "Point-M2AE + GM3D (C)"}
-    threads = torch.get_num_threads()
-    omp = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; " if device.type == "cpu" else ""
-    print(f"Machine: {machine(device)}; torch {torch.__version__}; {omp}{warmup} warm-up + {repeats} timed "
-          f"steps per row, all rows of a precision round-robin; 1-min load average "
-          f"{load0[0]:.1f} at start, {load1[0]:.1f} at end; total {time.perf_counter() - t_start:.0f} s.")
-    if skipped_bf16:
-        print(f"bf16 rows skipped: this CPU has no native bf16 matmul (oneDNN reports none; one "
-              f"832x384->1536 Linear: {skipped_bf16}). Force them with --precisions fp32 bf16.")
-    print()
-    print("| config | step | precision | threads | batch x points | median ms | min-max ms | samples/s "
-          "| speed-up vs official | GM3D / its backbone |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+
+LABELS = {"paper": "Point-MAE", "quickstart": "Point-MAE", "gm3d": "GM3D (C, GC dec 12)",
+          "m2ae": "Point-M2AE", "m2ae_gm3d": "Point-M2AE + GM3D (C)"}
+
+
+def time_group(args, cfgs, teachers, precision: str, batch_size: int | None, device, warmup: int,
+               repeats: int) -> list[dict]:
+    """Build the steps of one (precision, batch) group, time them round-robin and return their rows."""
+    steps: dict = {}
+    shapes: dict = {}
+    for name, cfg in cfgs.items():
+        batch = batch_size or (PAPER_BATCH if name in PAPER_CONFIGS else int(cfg["total_bs"]))
+        teacher = teachers.get(name)
+        npoints = int(cfg["npoints"])
+        shapes[name] = (batch, npoints)
+        points = make_points(batch, npoints, device)
+        epoch = GM3D_EPOCH if name in GM3D_CONFIGS else 0
+        for mode in args.modes:
+            torch.manual_seed(0)
+            steps[(name, "ours", mode)] = Step(build(name, cfg, teacher), cfg, points, precision, device,
+                                               ScaleAndTranslate(), epoch, compiled=mode == "compiled",
+                                               compile_mode=args.compile_mode)
+        baseline_batch = not args.batches or batch == PAPER_BATCH  # one batch per row, or the paper's
+        if not args.no_baseline and not name.startswith("m2ae") and baseline_batch:
+            torch.manual_seed(0)
+            steps[(name, "official", "eager")] = Step(officialize(build(name, cfg, teacher)), cfg, points,
+                                                      precision, device, official_scale_translate, epoch,
+                                                      optimizer_impl="default")
+    t0 = time.perf_counter()
+    times = time_steps(steps, warmup, repeats, pipelined=args.pipelined)
+    peaks = {k: step.peak for k, step in steps.items()}
+    warm = {k: step.warmup_s for k, step in steps.items()}
+    del steps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = []
+    for key, ts in times.items():
+        name, impl, mode = key[:3]
+        if len(key) > 3:  # the pipelined block of this row
+            mode = f"{mode}, no per-step read"
+        base = med.get((name, "official", "eager"))
+        batch, npoints = shapes[name]
+        plain = med.get(("m2ae" if name.startswith("m2ae") else "paper", impl, mode))
+        sps = batch / med[key]
+        rows.append({"config": name, "impl": impl, "mode": mode, "precision": precision, "batch": batch,
+                     "npoints": npoints, "median": med[key], "min": min(ts), "max": max(ts),
+                     "peak": peaks[key[:3]], "samples_per_s": sps, "warmup_s": warm[key[:3]],
+                     "speedup": base / med[key] if base else None,
+                     "ratio": med[key] / plain if name in GM3D_CONFIGS and plain and len(key) == 3 else None,
+                     "projected_h": RECIPE_EPOCHS[name] * SHAPENET55_TRAIN / sps / 3600
+                     if name in RECIPE_EPOCHS else None})
+    print(f"  .. {precision}, batch {batch_size or 'default'} ({time.perf_counter() - t0:.0f} s): "
+          + ", ".join(f"{'/'.join(k)} {fmt_ms(v)} ms" for k, v in med.items()),
+          file=sys.stderr, flush=True)
+    return rows
+
+
+def format_table(rows: list[dict], threads, cuda: bool) -> str:
+    """The markdown table of ``rows`` (fp32 first, then by config, batch, project before official)."""
     order = {"paper": 0, "gm3d": 1, "m2ae": 2, "m2ae_gm3d": 3, "quickstart": 4}
-    rows.sort(key=lambda r: (r["precision"] != "fp32", order[r["config"]], r["impl"] != "ours"))
+    rows = sorted(rows, key=lambda r: (r["precision"] != "fp32", order[r["config"]], r["batch"],
+                                       r["impl"] != "ours", r["mode"] != "eager"))
+    out = ["| config | step | precision | mode | threads | batch x points | median ms | min-max ms "
+           "| samples/s "
+           + ("| peak GiB " if cuda else "")
+           + "| speed-up vs official | GM3D / its backbone | projected paper recipe |",
+           "|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "") + "---|---|---|"]
     for r in rows:
         impl = "project" if r["impl"] == "ours" else "official formulation"
         speed = f"**{r['speedup']:.2f}x**" if r["impl"] == "ours" and r["speedup"] else \
             ("1.00x" if r["impl"] == "official" else "")
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else ""
         prec = "bf16 autocast" if r["precision"] == "bf16" else "fp32"
-        print(f"| {r['config']} | {label[r['config']]}, {impl} | {prec} | "
-              f"{threads if device.type == 'cpu' else 'GPU'} | {r['batch']} x {r['npoints']} "
-              f"| {fmt_ms(r['median'])} | {fmt_ms(r['min'])}-{fmt_ms(r['max'])} "
-              f"| {r['batch'] / r['median']:.1f} | {speed} | {ratio} |")
-    return 0
+        proj = f"{r['projected_h']:,.1f} h ({RECIPE_EPOCHS[r['config']]} ep)" if r["projected_h"] else ""
+        peak = f"| {r['peak'] / 2**30:.2f} " if cuda else ""
+        out.append(f"| {r['config']} | {LABELS[r['config']]}, {impl} | {prec} | {r['mode']} | {threads} "
+                   f"| {r['batch']} x {r['npoints']} | {fmt_ms(r['median'])} "
+                   f"| {fmt_ms(r['min'])}-{fmt_ms(r['max'])} "
+                   f"| {r['samples_per_s']:.1f} {peak}| {speed} | {ratio} | {proj} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

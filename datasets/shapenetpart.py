@@ -27,6 +27,7 @@ from datasets.io import (
     require_root,
     sample_indices,
 )
+from datasets.packed import PackedClouds, write_pack
 from utils.errors import DataError
 
 SEG_CLASSES: dict[str, list[int]] = {
@@ -142,6 +143,9 @@ class ShapeNetPart(PointDataset):
         sampling: ``seeded`` or ``official`` (see above).
         cache: keep parsed shapes in memory after their first access.
         seed: base seed of the draws.
+        packed_path: read the shapes from this pack (``PACKED_PATH``; the manifest ``.json`` written by
+            ``tools/prepare_data.py pack shapenetpart``) instead of one ``.txt`` per shape; the category
+            file and split lists still come from ``root``, so items and order are the same.
     """
 
     def __init__(
@@ -154,9 +158,11 @@ class ShapeNetPart(PointDataset):
         sampling: Literal["seeded", "official"] = "seeded",
         cache: bool = True,
         seed: int | None = 0,
+        packed_path: str | None = None,
     ):
         super().__init__(seed)
         require_root(root, LAYOUT, "ROOT")
+        self.packed = PackedClouds(packed_path, "ShapeNetPart", 7) if packed_path else None
         categories = read_categories(root)
         self.classes = [name for name, _ in categories]
         self.num_classes = len(self.classes)
@@ -182,12 +188,19 @@ class ShapeNetPart(PointDataset):
         self.items: list[tuple[str, int, str]] = []
         for synset, category in wanted.items():
             folder = os.path.join(root, synset)
-            present = {os.path.splitext(f)[0] for f in os.listdir(folder)} if os.path.isdir(folder) else set()
-            absent = sorted(listed[synset] - present)
+            if self.packed is not None:
+                wanted_keys = (f"{synset}/{sid}" for sid in listed[synset])
+                absent = sorted(key.split("/", 1)[1] for key in self.packed.missing(wanted_keys))
+                source = f"the pack '{self.packed.manifest_path}'"
+            else:
+                files = os.listdir(folder) if os.path.isdir(folder) else []
+                present = {os.path.splitext(f)[0] for f in files}
+                absent = sorted(listed[synset] - present)
+                source = f"'{folder}'"
             if absent:
                 raise DataError(
                     f"{len(absent)} shape(s) of '{self.classes[category]}' listed for '{subset}' are "
-                    f"missing from '{folder}', e.g. {absent[:3]} (listed in "
+                    f"missing from {source}, e.g. {absent[:3]} (listed in "
                     + ", ".join(
                         f"'{root}/train_test_split/shuffled_{split}_file_list.json'"
                         for split in _SPLIT_FILES[subset]
@@ -208,14 +221,19 @@ class ShapeNetPart(PointDataset):
         """Normalised xyz (+ normals) float32 (N, 3 or 6) and part labels (N,) of shape ``index``."""
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        path, category, _ = self.items[index]
-        data = check_cloud(load_txt(path, 7), f"'{path}'", 1, 7)
+        path, category, name = self.items[index]
+        if self.packed is not None:
+            source = f"'{self.packed.data_path}' item '{name}'"
+            raw = self.packed.cloud(self.packed.index_of(name))
+        else:
+            source, raw = f"'{path}'", load_txt(path, 7)
+        data = check_cloud(raw, source, 1, 7)
         seg = data[:, 6]
         allowed = SEG_CLASSES[self.classes[category]]
         bad = (seg != np.round(seg)) | (seg < allowed[0]) | (seg > allowed[-1])
         if bad.any():
             raise DataError(
-                f"'{path}': part label out of range: {seg[bad][0].item()}; expected "
+                f"{source}: part label out of range: {seg[bad][0].item()}; expected "
                 f"{allowed[0]}..{allowed[-1]} for {self.classes[category]}"
             )
         cloud = (
@@ -238,3 +256,24 @@ class ShapeNetPart(PointDataset):
         return self._item(
             cloud[choice], category, name, seg=seg[choice].astype(np.int64), category=category, **extra
         )
+
+
+def pack_shapenetpart(root: str, out: str) -> dict:
+    """Pack every ``<synset>/<id>.txt`` of the categories in ``synsetoffset2category.txt`` (7 columns,
+    checked like the loader does; sorted by ``<synset>/<id>``, the item names) into ``out`` (see
+    :mod:`datasets.packed`); returns the manifest."""
+    require_root(root, LAYOUT, "ROOT")
+    keys = []
+    for _, synset in read_categories(root):
+        folder = os.path.join(root, synset)
+        if os.path.isdir(folder):
+            keys.extend(f"{synset}/{f[:-4]}" for f in os.listdir(folder) if f.endswith(".txt"))
+    if not keys:
+        raise DataError(f"'{root}' holds no <synset>/<id>.txt shapes\n{LAYOUT.describe()}")
+
+    def items():
+        for key in sorted(keys):
+            path = os.path.join(root, f"{key}.txt")
+            yield key, check_cloud(load_txt(path, 7), f"'{path}'", 1, 7)
+
+    return write_pack(out, items(), dataset="ShapeNetPart", source=root, columns=7)

@@ -24,7 +24,7 @@ from tests.test_datasets_official import (
 from tools.prepare_data import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ("modelnet-cache", "fewshot", "mesh-folder", "layout")
+SUBCOMMANDS = ("modelnet-cache", "fewshot", "mesh-folder", "pack", "layout")
 
 
 # ------------------------------------------------------------------------------------------ help

@@ -7,6 +7,13 @@ checkpoints and exact resume. ``ckpt-last.pth`` is the epoch commit and carries 
 ckpt-best.pth, metrics.jsonl and summary.json follow it and are repaired from it on resume
 (docs/RELIABILITY.md).
 
+Host syncs: the loop reads no device value per iteration unless ``log.sync_every`` is 1. The logged
+terms are summed on the device; every ``sync_every`` iterations (and at the epoch end) one read checks
+the losses of the window for NaN/inf and updates the progress bar. ``sync_every: null`` (the default)
+means 1 on CPU, where a read costs nothing and a NaN stops the run at the failing batch, before its
+update, and :data:`CUDA_SYNC_EVERY` on CUDA, where a read per step stalls the launch queue.
+``compile.enabled`` runs the training forward through ``torch.compile`` (docs/ARCHITECTURE.md).
+
 A model plugs in by returning a dict with a differentiable ``loss`` (plus detached terms to log) from
 ``model(batch, epoch=..., generator=...)``. The engine calls the explicit hooks of
 :class:`models.base.TrainHooks` (no-ops by default, which every model of the project derives from):
@@ -27,7 +34,6 @@ import logging
 import math
 import os
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,6 +58,9 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 PREVIOUS = "ckpt-prev.pth"
 HUGE_COORDINATE = 1e6
+CUDA_SYNC_EVERY = 50
+"""Iterations between host reads of the losses on CUDA when ``log.sync_every`` is null."""
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 
 
 def hooks_of(model: nn.Module) -> TrainHooks:
@@ -90,6 +99,34 @@ def data_problem(points: torch.Tensor) -> str | None:
     if peak > HUGE_COORDINATE:
         return f"coordinates up to {peak:.3g} in the batch (|x| > {HUGE_COORDINATE:.0e})"
     return None
+
+
+def compile_forward(module: nn.Module, spec: Mapping[str, Any] | None, where: str = "compile") -> nn.Module:
+    """``module`` itself, or ``torch.compile(module, backend=..., mode=..., dynamic=...)`` when
+    ``spec["enabled"]``; the compiled wrapper shares the module's parameters (checkpoints keep the plain
+    module's keys because the engine saves the unwrapped model)."""
+    spec = dict(spec or {})
+    if not spec.get("enabled"):
+        return module
+    backend = spec.get("backend") or "inductor"
+    if backend not in COMPILE_BACKENDS:
+        raise ConfigError(f"{where}.backend = {backend!r}; expected one of {', '.join(COMPILE_BACKENDS)}")
+    kwargs: dict[str, Any] = {"backend": backend, "dynamic": spec.get("dynamic")}
+    if spec.get("mode") is not None:
+        if backend != "inductor":
+            raise ConfigError(
+                f"{where}.mode = {spec['mode']!r} needs {where}.backend = inductor, not {backend!r}")
+        kwargs["mode"] = spec["mode"]
+    return torch.compile(module, **kwargs)
+
+
+def _bad_input(points: torch.Tensor) -> torch.Tensor:
+    """A device bool: whether ``points`` has a NaN/inf or a coordinate beyond 1e6 (:func:`data_problem`
+    without the host read)."""
+    pts = points.detach()
+    if not pts.numel():
+        return torch.zeros((), dtype=torch.bool, device=pts.device)
+    return ~torch.isfinite(pts).all() | (pts.abs().amax() > HUGE_COORDINATE)
 
 
 def _metrics_text(history: Sequence[Mapping[str, Any]]) -> str:
@@ -225,6 +262,13 @@ class Trainer:
             raise ConfigError(f"{where} = {cfg['total_bs']} is larger than the training set ({len(train_set)} "
                               f"items); allowed: 1 <= total_bs <= {len(train_set)}")
         self.train_set = train_set
+        self.train_forward = compile_forward(self.ddp_model, cfg.get("compile"))
+        sync_every = (cfg.get("log") or {}).get("sync_every")
+        if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, int)
+                                       or sync_every < 1):
+            raise ConfigError(f"log.sync_every = {sync_every!r}; expected an integer >= 1, or null (auto: 1 "
+                              f"on CPU, {CUDA_SYNC_EVERY} on CUDA)")
+        self.sync_every = sync_every or (CUDA_SYNC_EVERY if self.device.type == "cuda" else 1)
         if self.world > 1:
             self.sampler = DistributedSampler(train_set, shuffle=True, seed=self.seed, drop_last=True)
         else:
@@ -379,6 +423,27 @@ class Trainer:
         return NonFiniteLossError(head + self._last_good_message(batch, epoch) +
                                   " Try a lower optimizer.kwargs.lr, grad_norm_clip, or precision=fp32.")
 
+    def _check_window(self, window: Sequence[tuple[int, torch.Tensor, torch.Tensor]], epoch: int,
+                      it: int) -> None:
+        """One host read for the losses of ``window``; NonFiniteLossError naming the first bad iteration."""
+        losses = torch.stack([w[1].float().reshape(()) for w in window])
+        finite = torch.isfinite(losses)
+        if bool(finite.all()):
+            return
+        j = int((~finite).nonzero()[0, 0])
+        bad_it, value = window[j][0], float(losses[j])
+        head = (f"non-finite loss {value} at epoch {epoch}, iteration {bad_it} (found by the check after "
+                f"iteration {it}: log.sync_every = {self.sync_every}, so the updates since then were "
+                f"applied); the run stops here. ")
+        again = " Set log.sync_every=1 to stop at the failing batch itself, before its update."
+        if bool(window[j][2]):
+            raise NonFiniteLossError(
+                head + "The input batch is the cause: non-finite (NaN/inf) or huge (|x| > "
+                f"{HUGE_COORDINATE:.0e}) coordinates in it. Check the training data (dataset.train) rather "
+                f"than the learning rate. {self._last_good_message(None, epoch)}{again}")
+        advice = " Try a lower optimizer.kwargs.lr, grad_norm_clip, or precision=fp32."
+        raise NonFiniteLossError(head + self._last_good_message(None, epoch) + advice + again)
+
     def _last_good_message(self, batch: Mapping[str, Any] | None, epoch: int) -> str:
         """Name the newest checkpoint of this run whose weights are finite and (given the failing batch) whose
         loss on that batch is finite."""
@@ -450,7 +515,8 @@ class Trainer:
             set_epoch(epoch)
         hook_model = hooks_of(unwrap(self.model))
         hook_model.on_epoch_start(epoch, self.max_epoch)
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, torch.Tensor] = {}  # on the device: no host read per iteration
+        window: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (iteration, loss, bad input) to check
         n_iter = len(self.loader)
         t0 = time.perf_counter()
         samples = 0
@@ -473,10 +539,13 @@ class Trainer:
                 else:
                     batch["points"] = self.transform(batch["points"], gen)
             with autocast_context(self.device, self.precision):
-                out = model(batch, epoch=epoch, generator=gen)
+                out = self.train_forward(batch, epoch=epoch, generator=gen)
             loss = out["loss"]
-            if not math.isfinite(loss.item()):
-                raise self._non_finite(epoch, it, out, raw_points, batch)
+            if self.sync_every == 1:
+                if not math.isfinite(loss.item()):
+                    raise self._non_finite(epoch, it, out, raw_points, batch)
+            else:
+                window.append((it, loss.detach(), _bad_input(raw_points)))
             self.scaler.scale(loss / self.accum).backward()
             if (it + 1) % self.accum == 0 or it + 1 == n_iter:
                 if self.clip:
@@ -488,15 +557,22 @@ class Trainer:
                 hook_model.after_step()
             for k, v in out.items():
                 if torch.is_tensor(v) and v.numel() == 1:
-                    sums[k] += float(v.detach())
+                    term = v.detach().reshape(()).double()
+                    sums[k] = sums[k] + term if k in sums else term
             samples += batch["points"].shape[0]
+            synced = self.sync_every == 1
+            if window and ((it + 1) % self.sync_every == 0 or it + 1 == n_iter):
+                self._check_window(window, epoch, it)
+                window = []
+                synced = True
             if bar is not None:
-                bar.set_postfix(loss=f"{loss.item():.4g}", lr=f"{lr:.2e}")
+                if synced:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", lr=f"{lr:.2e}")
                 bar.update()
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - t0
-        metrics = {f"train/{k}": v / n_iter for k, v in sums.items()}
+        metrics = {f"train/{k}": float(v) / n_iter for k, v in sums.items()}
         metrics.update({f"train/{k}": v for k, v in hook_model.extra_metrics().items()})
         metrics = dist.all_reduce_mean(metrics, self.device)
         metrics["lr"] = lr

@@ -39,11 +39,15 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.py)
+    from utils.omp import apply_wait_policy
+
+    apply_wait_policy()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -55,6 +55,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.py)
+    from utils.omp import apply_wait_policy
+
+    apply_wait_policy()
 
 from tools.vis.diagnostics import Probe, diagnose, finite_or_none
 from tools.vis.loading import NoGCDecoderError

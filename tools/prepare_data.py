@@ -6,6 +6,7 @@ Run from the repository root, e.g.::
     python tools/prepare_data.py modelnet-cache --root data/ModelNet/modelnet40_normal_resampled
     python tools/prepare_data.py fewshot --modelnet-root data/ModelNet/modelnet40_normal_resampled
     python tools/prepare_data.py mesh-folder --root data/MeshFolder
+    python tools/prepare_data.py pack shapenet --root data/ShapeNet55-34
 
 See docs/DATA.md for every layout and where the official copies are published.
 """
@@ -16,6 +17,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.py)
+    from utils.omp import apply_wait_policy
+
+    apply_wait_policy()
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
@@ -25,11 +30,20 @@ from datasets.io import LAYOUTS  # noqa: E402
 from datasets.mesh_folder import build_mesh_cache  # noqa: E402
 from datasets.modelnet40 import build_modelnet_cache, find_modelnet_prefix, modelnet_cache_path  # noqa: E402
 from datasets.modelnet_fewshot import generate_fewshot  # noqa: E402
+from datasets.packed import pack_paths  # noqa: E402
+from datasets.shapenet55 import pack_shapenet  # noqa: E402
+from datasets.shapenetpart import pack_shapenetpart  # noqa: E402
 from utils.errors import ConfigError, DataError  # noqa: E402
 
 log = logging.getLogger("prepare_data")
 
 MODELNET_ROOT = "data/ModelNet/modelnet40_normal_resampled"
+PACKERS = {  # data set -> (default root, default pack stem under the root, packer(root, out))
+    "shapenet": ("data/ShapeNet55-34", "shapenet_pc.pack",
+                 lambda root, out: pack_shapenet(os.path.join(root, "shapenet_pc"), out)),
+    "shapenetpart": ("data/shapenetcore_partanno_segmentation_benchmark_v0_normal", "shapenetpart.pack",
+                     pack_shapenetpart),
+}
 
 
 def cmd_modelnet_cache(args: argparse.Namespace) -> int:
@@ -81,6 +95,21 @@ def cmd_mesh_folder(args: argparse.Namespace) -> int:
             args.device,
         )
         print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    """Pack a per-file data set into one memory-mapped ``.npy`` plus its ``.json`` manifest."""
+    default_root, stem, packer = PACKERS[args.dataset]
+    root = args.root or default_root
+    manifest_path, data_path = pack_paths(args.out or os.path.join(root, stem))
+    if os.path.isfile(manifest_path) and not args.force:
+        print(f"exists, skipped: {manifest_path} (use --force to rebuild)")
+        return 0
+    manifest = packer(root, manifest_path)
+    print(f"wrote {data_path} ({manifest['data_bytes'] / 1e6:.1f} MB, {manifest['count']} items, "
+          f"{manifest['rows']} x {manifest['columns']} float32) and {manifest_path}")
+    print(f"use it with the data-set key PACKED_PATH: {manifest_path} (or dataset.<split>.packed_path=...)")
     return 0
 
 
@@ -205,6 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="meshes per FPS call (default: %(default)s)")
     p.add_argument("--device", default=None, help=device_help)
     p.set_defaults(func=cmd_mesh_folder)
+
+    p = sub.add_parser(
+        "pack",
+        help="pack a per-file data set (ShapeNet-55/34, ShapeNetPart) into one memory-mapped file",
+        description="Read every cloud of a per-file data set once (ShapeNet: <root>/shapenet_pc/*.npy, xyz; "
+        "ShapeNetPart: <root>/<synset>/<id>.txt, 7 columns), check it like the loader does, and write "
+        "<out>.npy (float32 rows of all clouds, memory-mapped on read) and <out>.json (manifest: source, "
+        "item count, names, row offsets, sizes), each atomically, the manifest last. Point a data set at it "
+        "with PACKED_PATH: <out>.json; the split lists are still read from the data set's folder.",
+    )
+    p.add_argument("dataset", choices=sorted(PACKERS), help="which data set")
+    p.add_argument("--root", default=None, help="the data set's root (default: its data/... path)")
+    p.add_argument("--out", default=None,
+                   help="the pack's manifest .json or stem (default: <root>/shapenet_pc.pack.json or "
+                   "<root>/shapenetpart.pack.json)")
+    p.add_argument("--force", action="store_true", help="rebuild a pack that already exists")
+    p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser(
         "layout",
