@@ -14,7 +14,8 @@ from utils.omp import CHOICE_VAR, apply_wait_policy
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_SCRIPTS = ("main_pretrain.py", "main_finetune.py", "segmentation/main.py", "tools/eval_svm.py",
-                 "tools/gc_probe.py", "tools/prepare_data.py", "tools/visualize.py")
+                 "tools/gc_probe.py", "tools/prepare_data.py", "tools/visualize.py",
+                 "tools/compare_masking.py")
 
 
 def test_passive_by_default_and_user_choices_respected() -> None:

@@ -43,10 +43,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.py)
+    from utils.omp import apply_wait_policy
+
+    apply_wait_policy()
+
+import torch  # noqa: E402
 
 ARMS = ("random", "block", "gm3d_paper", "gm3d_opts", "gm3d_position", "gm3d_oracle", "random_eqtime")
 GM3D_OPTIONS = ["model.gm3d.ema_bn=copy", "model.gm3d.ema_warmup=true", "model.gm3d.gc_target=zscore",
