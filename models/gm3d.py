@@ -237,7 +237,7 @@ class GM3D(MaskedAutoencoder):
         if gc.ema_warmup:  # the update count, saved with the run so that a resumed run continues it
             self.register_buffer("ema_num_updates", torch.zeros((), dtype=torch.long))
         self.ema_decay = gc.ema_decay_start
-        self._stats: dict[str, float] = {}
+        self._stats: dict[str, torch.Tensor | float] = {}  # summed on the device, read once per epoch
         self._n_stats = 0
         self._n_sel = 0
         self._epoch = 0
@@ -347,7 +347,7 @@ class GM3D(MaskedAutoencoder):
                 yield name, t
 
     def extra_metrics(self) -> dict[str, float]:
-        out = {k: v / max(self._n_stats, 1) for k, v in self._stats.items()}
+        out = {k: float(v) / max(self._n_stats, 1) for k, v in self._stats.items()}
         out["n_sel"] = float(self._n_sel)
         out["ema_decay"] = float(self.current_ema_decay())
         return out
@@ -520,7 +520,7 @@ class GM3D(MaskedAutoencoder):
             return
         B = mask.shape[0]
         t_masked = scores[mask].view(B, M)
-        rho = spearman_per_row(t_masked, gc_target).mean().item()
+        rho = spearman_per_row(t_masked, gc_target).mean().detach().double()  # no host read per step
         self._stats["gc_rank_corr"] = self._stats.get("gc_rank_corr", 0.0) + rho
         self._n_stats += 1
 
