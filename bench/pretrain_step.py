@@ -60,7 +60,7 @@ from torch import nn
 from datasets.transforms import ScaleAndTranslate, pc_norm
 from extensions import Patches, fps, gather
 from models import build_model
-from models.gm3d import PointMAEGM3D
+from models.gm3d import GCHead, PointMAEGM3D
 from models.layers import Attention, PatchEmbed, TransformerDecoder
 from models.point_mae import PointMAE
 from tools import checkpoint as ckpt_io
@@ -89,14 +89,22 @@ GM3D_EPOCH, GM3D_EPOCHS = 200, 400
 class OfficialPatchEmbed(PatchEmbed):
     """Mini-PointNet as the official ``Encoder`` runs it: Conv1d on (B*G, C, K), max, concat."""
 
-    def forward(self, point_groups: torch.Tensor) -> torch.Tensor:
+    def forward(self, point_groups: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         B, G, K, _ = point_groups.shape
         x = point_groups.reshape(B * G, K, 3).transpose(2, 1)
         f = self.first_conv(x)                                          # (BG, 256, K)
         f_global = torch.max(f, dim=2, keepdim=True)[0]
         f = torch.cat([f_global.expand(-1, -1, K), f], dim=1)           # (BG, 512, K)
         f = self.second_conv(f)
-        return torch.max(f, dim=2, keepdim=False)[0].reshape(B, G, self.encoder_channel)
+        tokens = torch.max(f, dim=2, keepdim=False)[0].reshape(B, G, self.encoder_channel)
+        return tokens if keep is None else tokens[keep].view(B, -1, self.encoder_channel)  # then select
+
+
+class OfficialGCHead(GCHead):
+    """``increase_dim_2`` as the official GM3D code runs it: Conv1d on (B, C, G), then the channel mean."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.transpose(1, 2)).mean(1)
 
 
 class OfficialAttention(Attention):
@@ -209,6 +217,15 @@ class OfficialGM3D(PointMAEGM3D):
             e.copy_(e * d + (1.0 - d) * student[name].detach())
 
 
+def embed_all(model: nn.Module) -> nn.Module:
+    """The official semantics for a project model: every patch embedded (``embed_visible_only: false``),
+    so the patch embedding's BatchNorm statistics cover all patches, as in the official code."""
+    for m in model.modules():
+        if hasattr(m, "embed_visible_only"):
+            m.embed_visible_only = False
+    return model
+
+
 def officialize(model: nn.Module) -> nn.Module:
     """Turn a project model into the official formulation in place (same parameters and keys)."""
     for m in model.modules():
@@ -218,8 +235,9 @@ def officialize(model: nn.Module) -> nn.Module:
             m.__class__ = OfficialAttention
         elif type(m) is TransformerDecoder:
             m.__class__ = OfficialDecoder
-        if hasattr(m, "embed_visible_only"):
-            m.embed_visible_only = False
+        elif type(m) is GCHead:
+            m.__class__ = OfficialGCHead
+    embed_all(model)
     if isinstance(model, PointMAEGM3D):
         model.__class__ = OfficialGM3D
         model.student.__class__ = OfficialPointMAE
@@ -379,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = torch default)")
     ap.add_argument("--batch", type=int, default=None, help="override the batch of every config")
     ap.add_argument("--no-baseline", action="store_true", help="time the project steps only")
+    ap.add_argument("--official-semantics", action="store_true",
+                    help="project rows embed every patch too (embed_visible_only: false), as the baseline")
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 8, 1 warm-up + 2 timed steps")
     args = ap.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
@@ -420,8 +440,10 @@ def main(argv: list[str] | None = None) -> int:
                 points = make_points(batch, npoints, device)
                 epoch = GM3D_EPOCH if name in GM3D_CONFIGS else 0
                 torch.manual_seed(0)
-                steps[(name, "ours")] = Step(build(name, cfg, teacher), cfg, points, precision, device,
-                                             ScaleAndTranslate(), epoch)
+                ours = build(name, cfg, teacher)
+                if args.official_semantics:
+                    embed_all(ours)
+                steps[(name, "ours")] = Step(ours, cfg, points, precision, device, ScaleAndTranslate(), epoch)
                 if not args.no_baseline and not name.startswith("m2ae"):
                     torch.manual_seed(0)
                     steps[(name, "official")] = Step(officialize(build(name, cfg, teacher)), cfg, points,
@@ -448,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     omp = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; " if device.type == "cpu" else ""
     print(f"Machine: {machine(device)}; torch {torch.__version__}; {omp}{warmup} warm-up + {repeats} timed "
           f"steps per row, all rows of a precision round-robin; 1-min load average "
-          f"{load0[0]:.1f} at start, {load1[0]:.1f} at end; total {time.perf_counter() - t_start:.0f} s.")
+          f"{load0[0]:.1f} at start, {load1[0]:.1f} at end; total {time.perf_counter() - t_start:.0f} s."
+          + (" Project rows: official semantics (embed_visible_only: false)." if args.official_semantics
+             else ""))
     if skipped_bf16:
         print(f"bf16 rows skipped: this CPU has no native bf16 matmul (oneDNN reports none; one "
               f"832x384->1536 Linear: {skipped_bf16}). Force them with --precisions fp32 bf16.")
