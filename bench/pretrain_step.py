@@ -25,9 +25,9 @@ own modules but with the known costs of the official Point-MAE / GM3D code put b
 (B*G, C, K) layout, attention as explicit ``softmax(QK^T)V``, every decoder row computed then the
 mask tokens kept, kNN as a per-sample Python loop,
 per-sample numpy masks, a per-sample augmentation loop; for GM3D also the EMA teacher's unused
-reconstruction decoder, the grouping computed a second time for the teacher, and the EMA update as
-a Python loop over the state dict (timm ``ModelEma``), and torch's default AdamW (for-loop on
-CPU, foreach on CUDA) where the project uses the fused kernel. The official CUDA kernels (FPS, Chamfer) have
+reconstruction decoder, the grouping computed a second time for the teacher, the GC head as Conv1d
+then the channel mean, and the EMA update as a Python loop over the state dict (timm ``ModelEma``), and
+torch's default AdamW (for-loop on CPU, foreach on CUDA) where the project uses the fused kernel. The official CUDA kernels (FPS, Chamfer) have
 no CPU version; both sides use the project's ops for those.
 
 All steps of a precision run round-robin within every repeat, so a busy shared machine slows every
