@@ -29,9 +29,9 @@ own modules but with the known costs of the official Point-MAE / GM3D code put b
 (B*G, C, K) layout, attention as explicit ``softmax(QK^T)V``, every decoder row computed then the
 mask tokens kept, kNN as a per-sample Python loop,
 per-sample numpy masks, a per-sample augmentation loop; for GM3D also the EMA teacher's unused
-reconstruction decoder, the grouping computed a second time for the teacher, and the EMA update as
-a Python loop over the state dict (timm ``ModelEma``), and torch's default AdamW (for-loop on
-CPU, foreach on CUDA) where the project uses the fused kernel. The official CUDA kernels (FPS, Chamfer) have
+reconstruction decoder, the grouping computed a second time for the teacher, the GC head as Conv1d
+then the channel mean, and the EMA update as a Python loop over the state dict (timm ``ModelEma``), and
+torch's default AdamW (for-loop on CPU, foreach on CUDA) where the project uses the fused kernel. The official CUDA kernels (FPS, Chamfer) have
 no CPU version; both sides use the project's ops for those.
 
 All steps of a precision run round-robin within every repeat, so a busy shared machine slows every
@@ -64,7 +64,7 @@ from torch import nn
 from datasets.transforms import ScaleAndTranslate, pc_norm
 from extensions import Patches, fps, gather
 from models import build_model
-from models.gm3d import PointMAEGM3D
+from models.gm3d import GCHead, PointMAEGM3D
 from models.layers import Attention, PatchEmbed, TransformerDecoder
 from models.point_mae import PointMAE
 from tools import checkpoint as ckpt_io
@@ -95,14 +95,22 @@ RECIPE_EPOCHS = {"paper": 300, "gm3d": 400, "m2ae": 300, "m2ae_gm3d": 400}  # Po
 class OfficialPatchEmbed(PatchEmbed):
     """Mini-PointNet as the official ``Encoder`` runs it: Conv1d on (B*G, C, K), max, concat."""
 
-    def forward(self, point_groups: torch.Tensor) -> torch.Tensor:
+    def forward(self, point_groups: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         B, G, K, _ = point_groups.shape
         x = point_groups.reshape(B * G, K, 3).transpose(2, 1)
         f = self.first_conv(x)                                          # (BG, 256, K)
         f_global = torch.max(f, dim=2, keepdim=True)[0]
         f = torch.cat([f_global.expand(-1, -1, K), f], dim=1)           # (BG, 512, K)
         f = self.second_conv(f)
-        return torch.max(f, dim=2, keepdim=False)[0].reshape(B, G, self.encoder_channel)
+        tokens = torch.max(f, dim=2, keepdim=False)[0].reshape(B, G, self.encoder_channel)
+        return tokens if keep is None else tokens[keep].view(B, -1, self.encoder_channel)  # then select
+
+
+class OfficialGCHead(GCHead):
+    """``increase_dim_2`` as the official GM3D code runs it: Conv1d on (B, C, G), then the channel mean."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.transpose(1, 2)).mean(1)
 
 
 class OfficialAttention(Attention):
@@ -215,6 +223,15 @@ class OfficialGM3D(PointMAEGM3D):
             e.copy_(e * d + (1.0 - d) * student[name].detach())
 
 
+def embed_all(model: nn.Module) -> nn.Module:
+    """The official semantics for a project model: every patch embedded (``embed_visible_only: false``),
+    so the patch embedding's BatchNorm statistics cover all patches, as in the official code."""
+    for m in model.modules():
+        if hasattr(m, "embed_visible_only"):
+            m.embed_visible_only = False
+    return model
+
+
 def officialize(model: nn.Module) -> nn.Module:
     """Turn a project model into the official formulation in place (same parameters and keys)."""
     for m in model.modules():
@@ -224,8 +241,9 @@ def officialize(model: nn.Module) -> nn.Module:
             m.__class__ = OfficialAttention
         elif type(m) is TransformerDecoder:
             m.__class__ = OfficialDecoder
-        if hasattr(m, "embed_visible_only"):
-            m.embed_visible_only = False
+        elif type(m) is GCHead:
+            m.__class__ = OfficialGCHead
+    embed_all(model)
     if isinstance(model, PointMAEGM3D):
         model.__class__ = OfficialGM3D
         model.student.__class__ = OfficialPointMAE
@@ -434,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pipelined", action="store_true",
                     help="also time each project row as a block of --repeats steps with no host read between "
                          "them (the engine with log.sync_every > 1); the official rows read the loss every step")
+    ap.add_argument("--official-semantics", action="store_true",
+                    help="project rows embed every patch too (embed_visible_only: false), as the baseline")
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 8, 1 warm-up + 2 timed steps")
     args = ap.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
@@ -464,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     # The table is printed group by group (flushed), so a run cut short by a time limit keeps its rows.
     print(f"Machine: {machine(device)}; torch {torch.__version__}; {omp}{warmup} warm-up + {repeats} timed "
           f"steps per row, the rows of a (precision, batch) group round-robin; 1-min load average "
-          f"{load0[0]:.1f} at start.")
+          f"{load0[0]:.1f} at start."
+          + (" Project rows: official semantics (embed_visible_only: false)." if args.official_semantics else ""))
     if skipped_bf16:
         print(f"bf16 rows skipped: this CPU has no native bf16 matmul (oneDNN reports none; one "
               f"832x384->1536 Linear: {skipped_bf16}). Force them with --precisions fp32 bf16.")
@@ -515,7 +536,10 @@ def time_group(args, cfgs, teachers, precision: str, batch_size: int | None, dev
         epoch = GM3D_EPOCH if name in GM3D_CONFIGS else 0
         for mode in args.modes:
             torch.manual_seed(0)
-            steps[(name, "ours", mode)] = Step(build(name, cfg, teacher), cfg, points, precision, device,
+            ours = build(name, cfg, teacher)
+            if args.official_semantics:
+                embed_all(ours)
+            steps[(name, "ours", mode)] = Step(ours, cfg, points, precision, device,
                                                ScaleAndTranslate(), epoch, compiled=mode == "compiled",
                                                compile_mode=args.compile_mode)
         baseline_batch = not args.batches or batch == PAPER_BATCH  # one batch per row, or the paper's

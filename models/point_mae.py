@@ -133,7 +133,7 @@ class PointMAEEncoder(nn.Module):
             if self.embed_visible_only:
                 tokens = self.encoder(neighborhood[keep].view(B, n_vis, K, 3))
             else:
-                tokens = self.encoder(neighborhood)[keep].view(B, n_vis, -1)
+                tokens = self.encoder(neighborhood, keep)  # BN statistics over all G patches
             vis_center = center[keep].view(B, n_vis, 3)
         x = self.blocks(tokens, self.pos_embed(vis_center))
         return self.norm(x)
