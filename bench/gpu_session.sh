@@ -34,8 +34,8 @@ part() {  # part SECONDS TITLE COMMAND...
     echo "host: $(nproc) cores, git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 } >> "$LOG"
 
-# 1. The tests that are skipped without CUDA, plus the compile equality tests (~30 s).
-part 50 "CUDA-only tests" python -m pytest -q -x -m "not slow" tests/test_host_sync.py tests/test_compile.py
+# 1. The tests that are skipped without CUDA, plus the model-level compile equality tests (~1-2 min).
+part 120 "CUDA-only tests" env GEOMASK3D_COMPILE_TESTS=1 python -m pytest -q -x tests/test_host_sync.py tests/test_compile.py
 
 # 2. Eager steps: Point-MAE, GM3D, Point-M2AE at batch 32 / 128 / 256, fp32 and bf16; the official
 #    formulation at batch 32 for the speed-up column (~2.5 min).

@@ -4,6 +4,7 @@ trains through it with the plain module's checkpoint keys."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,10 @@ from utils.config import load_config
 from utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
+# Tracing a whole model takes dynamo minutes on a 2-core CPU, past CI's budget: the model-level tests run
+# when GEOMASK3D_COMPILE_TESTS=1 (bench/gpu_session.sh sets it); the engine test below always runs.
+model_level = pytest.mark.skipif(not os.environ.get("GEOMASK3D_COMPILE_TESTS"),
+                                 reason="model-level torch.compile tests: set GEOMASK3D_COMPILE_TESTS=1")
 # Compiled kernels reorder float sums; this is far above that rounding and far below any real difference.
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -51,11 +56,13 @@ def assert_compiled_equals_eager(model: torch.nn.Module, backend: str, epoch: in
 # Tracing a whole model takes dynamo 30 s to minutes on a small shared CPU: the model-level equality
 # tests are marked slow; the engine test below compiles a 3-parameter model in seconds.
 @pytest.mark.slow
+@model_level
 def test_point_mae_compiled_aot_eager_equals_eager() -> None:
     assert_compiled_equals_eager(_mae().train(), "aot_eager")
 
 
 @pytest.mark.slow
+@model_level
 def test_gm3d_compiled_aot_eager_equals_eager(official_teacher_ckpt) -> None:  # noqa: F811
     model = gm3d(teacher=official_teacher_ckpt).train()
     model.on_epoch_start(1, 2)  # the curriculum's second half: the teacher's scores choose part of the mask
@@ -63,6 +70,7 @@ def test_gm3d_compiled_aot_eager_equals_eager(official_teacher_ckpt) -> None:  #
 
 
 @pytest.mark.slow
+@model_level
 def test_point_mae_compiled_inductor_equals_eager() -> None:
     """One real code-generating compile (C++ kernels with gcc); minutes on a small shared CPU."""
     assert_compiled_equals_eager(_mae().train(), "inductor")
