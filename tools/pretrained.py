@@ -77,8 +77,8 @@ def load_knowledge_teacher(teacher: EncoderTeacher, path: str | Path) -> None:
     """Strict load of GM3D's knowledge teacher from an official or project pre-training checkpoint;
     nothing of the teacher may be missing."""
     adapter = adapter_for(teacher)
-    state = adapter.teacher_state(ckpt_io.load_file(path), where=str(path),
-                                  with_decoder=getattr(teacher, "with_decoder", False))
+    extra = {"with_decoder": True} if getattr(teacher, "with_decoder", False) else {}  # variant B only
+    state = adapter.teacher_state(ckpt_io.load_file(path), where=str(path), **extra)
     load_state_dict_checked(teacher, state, what=f"knowledge-teacher checkpoint {path}")
     log.info("knowledge teacher: %d tensors from %s", len(state), path)
 
