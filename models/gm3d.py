@@ -379,6 +379,18 @@ class GM3D(MaskedAutoencoder):
         return t.gc_scores_all(t.student.mask_scale_tokens(t.student.encode(groups)), groups).float()
 
     @torch.no_grad()
+    def mean_target(self, groups, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The GC target (:meth:`per_patch_terms`) of every mask-scale patch, averaged over the masks
+        (S, B, G) that hide it, in the model's current mode: ``target`` (B, G), 0 where no mask hides the
+        patch, and ``count`` (B, G), how many masks hide it."""
+        total = torch.zeros(masks.shape[1:], dtype=torch.float64, device=masks.device)
+        for mask in masks:
+            target = self.per_patch_terms(groups, mask, self.student.encode(groups, mask))[3]
+            total[mask] += target.reshape(-1).double()
+        count = masks.double().sum(0)
+        return (total / count.clamp_min(1)).float(), count
+
+    @torch.no_grad()
     def oracle_scores(self, groups, generator: torch.Generator | None = None) -> torch.Tensor:
         """The student's own GC target for every patch, (B, G): the patches of each sample are split by a
         random permutation into ``ceil(G / M)`` masks of the training count ``M`` (the last one wraps
@@ -387,20 +399,15 @@ class GM3D(MaskedAutoencoder):
         B, G = centers.shape[:2]
         M = self.masker.num_masked(G)
         perm = torch.rand(B, G, generator=generator, device=centers.device).argsort(1)
-        total = torch.zeros(B, G, device=centers.device)
-        count = torch.zeros(B, G, device=centers.device)
+        masks = torch.zeros(-(-G // M), B, G, dtype=torch.bool, device=centers.device)
+        for k, mask in enumerate(masks):
+            mask.scatter_(1, perm[:, (k * M + torch.arange(M, device=centers.device)) % G], True)
         was_training = self.student.training
         self.student.train(False)
         try:
-            for k in range(-(-G // M)):
-                idx = perm[:, (k * M + torch.arange(M, device=centers.device)) % G]
-                mask = torch.zeros(B, G, dtype=torch.bool, device=centers.device).scatter_(1, idx, True)
-                target = self.per_patch_terms(groups, mask, self.student.encode(groups, mask))[3]
-                total[mask] += target.reshape(-1).float()
-                count[mask] += 1
+            return self.mean_target(groups, masks)[0]
         finally:
             self.student.train(was_training)
-        return total / count
 
     def student_scores(self, groups, mask: torch.Tensor, encoded) -> torch.Tensor | None:
         """The student's GC scores at the masked patches, (B, M) in increasing masked-patch index (None for

@@ -202,13 +202,7 @@ def mask_averaged_target(model: nn.Module, groups, seeds: Sequence[int] = TARGET
     masker = random_masker(model.masker)
     masks = torch.stack([masker(centers, generator=mask_generator(s), epoch=0).to(centers.device)
                          for s in seeds])                                               # (S, B, G)
-    S, B, G = masks.shape
-    many, flat = _cat([groups] * S), masks.reshape(S * B, G)                           # one batched pass
-    target = model.per_patch_terms(many, flat, model.encode(many, flat))[3].double()   # (S * B, M)
-    total = torch.zeros(S * B, G, dtype=torch.float64, device=centers.device)
-    total[flat] = target.reshape(-1)
-    count = masks.double().sum(0)
-    return (total.view(S, B, G).sum(0) / count.clamp_min(1)).float(), count
+    return model.mean_target(groups, masks)
 
 
 def _standardise(target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
