@@ -119,21 +119,22 @@ def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run
     log.info("model %s: %.2fM trainable parameters", type(model).__name__, n_params / 1e6)
     train_set = build_split(cfg, "train")
     evaluators = []
+    svm_test = None
     if cfg.eval.svm_every > 0:
         svm_train, svm_test = build_svm_sets(cfg)
         evaluators.append(SVMEvaluator(svm_train, svm_test, every=cfg.eval.svm_every, C=cfg.eval.svm_C,
                                        batch_size=cfg.eval.svm_bs, device=device,
                                        C_grid=cfg.eval.svm_C_grid, standardize=cfg.eval.svm_standardize))
+    if cfg.vis.gc_every > 0 or cfg.vis.probe_every > 0:  # both read the SVM test split (built once), else train
+        vis_set = train_set if not cfg.dataset.svm_test else \
+            svm_test if svm_test is not None else build_split(cfg, "svm_test")
     if cfg.vis.gc_every > 0:
         from tools.vis.evaluator import GCPanelEvaluator
-        vis_set = build_split(cfg, "svm_test") if cfg.dataset.svm_test else train_set
         evaluators.append(GCPanelEvaluator(vis_set, every=cfg.vis.gc_every, out_dir=out / "vis",
                                            num_shapes=cfg.vis.num_shapes))
     if cfg.vis.probe_every > 0:
         from tools.vis.evaluator import ProbeEvaluator
-        probe_set = build_split(cfg, "svm_test") if cfg.dataset.svm_test else train_set
-        evaluators.append(ProbeEvaluator(probe_set, every=cfg.vis.probe_every,
-                                         num_shapes=cfg.vis.probe_shapes))
+        evaluators.append(ProbeEvaluator(vis_set, every=cfg.vis.probe_every, num_shapes=cfg.vis.probe_shapes))
     trainer = Trainer(cfg, model, train_set, out, evaluators=evaluators, transform=build_transform(cfg),
                       resume=resume, device=device, stop_after_epoch=stop_after_epoch)
     summary = trainer.fit()
