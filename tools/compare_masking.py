@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shutil
 import subprocess
 import sys
@@ -53,6 +52,12 @@ if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.p
 import torch  # noqa: E402
 
 ARMS = ("random", "block", "gm3d_paper", "gm3d_opts", "gm3d_position", "gm3d_oracle", "random_eqtime")
+def deps_of(arm: str) -> list[str]:
+    """The arms whose run of the same seed ``arm`` needs: a GM3D arm's knowledge teacher is the ``random``
+    run; ``random_eqtime`` takes its length from the ``random`` and ``gm3d_opts`` wall-clocks."""
+    return ["random"] if arm.startswith("gm3d") else ["random", "gm3d_opts"] if arm == "random_eqtime" else []
+
+
 GM3D_OPTIONS = ["model.gm3d.ema_bn=copy", "model.gm3d.ema_warmup=true", "model.gm3d.gc_target=zscore",
                 "model.gm3d.gc_chamfer_norm=true", "model.gm3d.ema_decay_start=0.99",
                 "model.gm3d.ema_decay_end=0.995"]
@@ -196,12 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="pre-train nothing: evaluate the runs that have finished (e.g. beside a running experiment)")
     p.add_argument("opts", nargs="*", help="overrides for every arm (e.g. max_epoch=20 total_bs=4 threads=1)")
     args = p.parse_args(argv)
-    arms = list(args.arms or [a for a in ARMS if a != "random_eqtime" or args.equal_time])
-    if args.equal_time and "random_eqtime" not in arms:
-        arms.append("random_eqtime")
-    for need, by in (("random", "gm3d_"), ("random", "random_eqtime"), ("gm3d_opts", "random_eqtime")):
-        if any(a.startswith(by) for a in arms) and need not in arms:
-            arms.insert(0, need) if need == "random" else arms.insert(arms.index("random_eqtime"), need)
+    arms = set(args.arms or [a for a in ARMS if a != "random_eqtime"])
+    if args.equal_time:
+        arms.add("random_eqtime")
+    arms |= {d for a in arms for d in deps_of(a)}
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -257,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     order = [a for a in ARMS if a in arms]
     for arm in order:  # pre-training first (dependencies before their users), then the evaluations
         for seed in args.seeds:
-            deps = ([f"random_s{seed}"] if arm.startswith("gm3d") else
-                    [f"random_s{seed}", f"gm3d_opts_s{seed}"] if arm == "random_eqtime" else [])
-            tasks.append((f"{arm}_s{seed}", deps, pretrain(arm, seed)))
+            tasks.append((f"{arm}_s{seed}", [f"{d}_s{seed}" for d in deps_of(arm)], pretrain(arm, seed)))
     for arm in order:
         for seed in args.seeds:
             tasks.append((f"eval_{arm}_s{seed}", [f"{arm}_s{seed}"], evaluate(arm, seed)))
