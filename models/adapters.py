@@ -9,7 +9,7 @@ Point-MAE (``ARCH = "point_mae"``), the layouts recognised after removing ``modu
 prefixes:
 
 * pre-training: the official ``pretrain.pth`` and this project's Point-MAE and GM3D runs, encoder under
-  ``MAE_encoder.*`` (a GM3D run's EMA teacher under ``ema.MAE_encoder.*``, used with ``source="ema"``);
+  ``MAE_encoder.*`` (a GM3D run's EMA teacher under ``ema.MAE_encoder.*``, used with ``source="teacher"``);
   the decoder, the GC branch and both teachers (:data:`PointMAEAdapter.PRETRAIN_ONLY`) are dropped;
 * fine-tuned: the official ``modelnet_1k.pth`` / ``scan_*.pth`` and this project's classifier runs,
   encoder under ``encoder.*``, ``pos_embed.*``, ``blocks.blocks.*``, ``norm.*`` (the head is dropped when
@@ -29,6 +29,10 @@ As in the official fine-tuning, a pre-trained file's ``encoder_norms`` are not u
 whose ``norm`` starts fresh (it is taken from a fine-tuned file when that file has it).
 
 Any other key is an error that names it, so a checkpoint of another architecture fails loudly.
+
+Encoder sources (``source``, the ``finetune.source`` setting): ``student`` (the trained model), ``ema`` (the
+weight average a run with ``model_ema`` on saves under the checkpoint's ``model_ema`` entry; for a GM3D
+checkpoint without one, its EMA teacher) and ``teacher`` (a GM3D run's EMA teacher, ``ema.*`` keys).
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ __all__ = ["ADAPTERS", "CheckpointAdapter", "PointMAEAdapter", "PointM2AEAdapter
 
 ADAPTERS = Registry("checkpoint adapters")
 
-Source = Literal["student", "ema"]
+Source = Literal["student", "ema", "teacher"]
+SOURCES = ("student", "ema", "teacher")
 
 
 class CheckpointAdapter:
@@ -84,6 +89,26 @@ class CheckpointAdapter:
         """The encoder of any known layout under canonical names, plus ``info`` (``layout``, ``dropped``,
         ``n_encoder``, and ``extra``: non-encoder tensors a fine-tune model may reuse)."""
         raise NotImplementedError
+
+    #: key prefix of a GM3D run's EMA teacher encoder
+    TEACHER_PREFIX = ""
+
+    def resolve_source(self, ckpt: Mapping[str, Any], source: str, where: str
+                       ) -> tuple[Mapping[str, Any], str, str]:
+        """``(checkpoint, source, where)`` to read: ``ema`` becomes the ``model_ema`` weights read as a student
+        (or, for a GM3D checkpoint without them, ``teacher``); a one-line error when there are none."""
+        if source not in SOURCES:
+            raise CheckpointError(f"{where}: encoder source {source!r}; expected one of {', '.join(SOURCES)}")
+        if source != "ema":
+            return ckpt, source, where
+        averaged = ckpt.get("model_ema")
+        if isinstance(averaged, Mapping):
+            return {"base_model": averaged}, "student", f"{where} [model_ema]"
+        if any(k.startswith(self.TEACHER_PREFIX) for k in self.state(ckpt, where)):
+            return ckpt, "teacher", where
+        raise CheckpointError(f"{where}: source 'ema' needs averaged weights, but the checkpoint has no model_ema "
+                              f"entry (pre-train with model_ema.enabled=true) and no GM3D EMA teacher "
+                              f"({self.TEACHER_PREFIX}* keys)")
 
     def _result(self, out, extra, dropped, unknown, layout, sd, where):
         """``(encoder, info)`` of :meth:`encoder_weights`, after refusing keys of an unknown kind."""
@@ -145,16 +170,19 @@ class PointMAEAdapter(CheckpointAdapter):
     def recognises(self, keys: Iterable[str]) -> bool:
         return any(k.startswith(("MAE_encoder.", "ema.MAE_encoder.", "blocks.blocks.")) for k in keys)
 
+    TEACHER_PREFIX = "ema.MAE_encoder."
+
     def encoder_weights(self, ckpt, *, source="student", where="<checkpoint>"):
+        ckpt, source, where = self.resolve_source(ckpt, source, where)
         sd = self.state(ckpt, where)
-        enc_prefix = "ema.MAE_encoder." if source == "ema" else "MAE_encoder."
+        enc_prefix = "ema.MAE_encoder." if source == "teacher" else "MAE_encoder."
         dropped: dict[str, list[str]] = {"pre-training only": [], "fine-tune head": []}
         out: dict[str, torch.Tensor] = {}
         extra: dict[str, torch.Tensor] = {}
         unknown: list[str] = []
         if any(k.startswith(enc_prefix) for k in sd):
             layout = f"pre-training ({enc_prefix}*)"
-            unused = self.PRETRAIN_ONLY + (("MAE_encoder.",) if source == "ema" else ())
+            unused = self.PRETRAIN_ONLY + (("MAE_encoder.",) if source == "teacher" else ())
             for k, v in sd.items():
                 if k.startswith(enc_prefix):
                     out[k[len(enc_prefix):]] = v
@@ -162,8 +190,8 @@ class PointMAEAdapter(CheckpointAdapter):
                     dropped["pre-training only"].append(k)
                 else:
                     unknown.append(k)
-        elif source == "ema":
-            raise CheckpointError(f"{where}: source='ema' but the checkpoint has no ema.MAE_encoder.* keys "
+        elif source == "teacher":
+            raise CheckpointError(f"{where}: source 'teacher' but the checkpoint has no ema.MAE_encoder.* keys "
                                   f"(it has {show_keys(sd, 10)})")
         elif any(k.startswith(self.ENCODER) for k in sd):
             layout = "fine-tune / encoder-only (encoder.*, blocks.blocks.*)"
@@ -227,12 +255,15 @@ class PointM2AEAdapter(CheckpointAdapter):
         return any(k.startswith(("h_decoder.", "rec_head.", "decoder_norm.", "token_prop.")) or k == "mask_token"
                    for k in state)
 
+    TEACHER_PREFIX = "ema.h_encoder."
+
     def encoder_weights(self, ckpt, *, source="student", where="<checkpoint>"):
+        ckpt, source, where = self.resolve_source(ckpt, source, where)
         sd = self.state(ckpt, where)
-        prefix = "ema.h_encoder." if source == "ema" else "h_encoder."
+        prefix = "ema.h_encoder." if source == "teacher" else "h_encoder."
         if not any(k.startswith(prefix) for k in sd):
-            if source == "ema":
-                raise CheckpointError(f"{where}: source='ema' but the checkpoint has no ema.h_encoder.* keys "
+            if source == "teacher":
+                raise CheckpointError(f"{where}: source 'teacher' but the checkpoint has no ema.h_encoder.* keys "
                                       f"(it has {show_keys(sd, 10)})")
             raise CheckpointError(
                 f"{where}: no Point-M2AE encoder weights found: expected keys under h_encoder.* (official "
@@ -244,7 +275,7 @@ class PointM2AEAdapter(CheckpointAdapter):
         out: dict[str, torch.Tensor] = {}
         extra: dict[str, torch.Tensor] = {}
         unknown: list[str] = []
-        unused = self.PRETRAIN_ONLY + (("h_encoder.",) if source == "ema" else ())
+        unused = self.PRETRAIN_ONLY + (("h_encoder.",) if source == "teacher" else ())
         for k, v in sd.items():
             if k.startswith(prefix):
                 out["h_encoder." + k[len(prefix):]] = v
@@ -252,7 +283,7 @@ class PointM2AEAdapter(CheckpointAdapter):
                 extra[k] = v
             elif k.startswith(self.HEAD):
                 dropped["fine-tune head"].append(k)
-            elif k.startswith(unused) and (pretraining or source == "ema"):
+            elif k.startswith(unused) and (pretraining or source == "teacher"):
                 dropped["pre-training only"].append(k)
             else:
                 unknown.append(k)

@@ -41,6 +41,7 @@ from torch import nn
 
 from models.base import EncoderTeacher, MaskedAutoencoder
 from models.build import MODELS
+from models.ema import ema_update_, ramp_decay, warmup_decay
 from models.layers import TransformerDecoder, _bn_relu_channels_last, _pointwise
 from models.losses import gc_ranking_loss, normalized_mse, spearman_per_row
 from models.masking import GM3DMask, build_mask, resolve_mask_config
@@ -279,6 +280,11 @@ class GM3D(MaskedAutoencoder):
             self.ema.eval()
         return self
 
+    def averaged_module(self) -> MaskedAutoencoder:
+        """What ``model_ema`` averages (models/ema.py): the student, so that the average has the plain
+        backbone's pre-training keys (the GC branch and both teachers are left out)."""
+        return self.student
+
     # ------------------------------------------------------------------ the contract, delegated
     def group(self, points):
         return self.student.group(points)
@@ -316,10 +322,7 @@ class GM3D(MaskedAutoencoder):
     def on_epoch_start(self, epoch: int, max_epoch: int) -> None:
         g = self.gcfg
         self.masker.set_total_epochs(max_epoch)
-        if epoch < g.ema_ramp_epochs:
-            self.ema_decay = g.ema_decay_start + epoch / g.ema_ramp_epochs * (g.ema_decay_end - g.ema_decay_start)
-        else:
-            self.ema_decay = g.ema_decay_end
+        self.ema_decay = ramp_decay(epoch, g.ema_decay_start, g.ema_decay_end, g.ema_ramp_epochs)
         self._stats, self._n_stats = {}, 0
         self._n_sel = self.masker.num_selected(epoch, self.student.num_group)
 
@@ -327,8 +330,7 @@ class GM3D(MaskedAutoencoder):
         """The decay of the next EMA update: the epoch's ramp value, capped by the warm-up if on."""
         if not self.gcfg.ema_warmup:
             return self.ema_decay
-        n = int(self.ema_num_updates)
-        return min(self.ema_decay, (1.0 + n) / (10.0 + n))
+        return warmup_decay(self.ema_decay, int(self.ema_num_updates))
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -336,14 +338,14 @@ class GM3D(MaskedAutoencoder):
         BatchNorm running statistics with ``ema_bn: copy``."""
         decay = self.current_ema_decay()
         copy_bn = self.gcfg.ema_bn == "copy"
-        lerp_t, lerp_s = [], []
+        avg_t, cur_t = [], []
         for (name, s), (_, e) in zip(self._student_tensors(), self.ema._student_tensors()):
-            if not e.is_floating_point() or (copy_bn and name.endswith(("running_mean", "running_var"))):
+            if copy_bn and name.endswith(("running_mean", "running_var")):
                 e.copy_(s)
             else:
-                lerp_t.append(e)
-                lerp_s.append(s.detach())
-        torch._foreach_lerp_(lerp_t, lerp_s, 1.0 - decay)
+                avg_t.append(e)
+                cur_t.append(s.detach())
+        ema_update_(avg_t, cur_t, decay)  # the model-EMA rule (models/ema.py): lerp floats, copy integers
         if self.gcfg.ema_warmup:
             self.ema_num_updates += 1
 

@@ -45,6 +45,9 @@ def add_init_args(p: argparse.ArgumentParser, model: str, test_help: str) -> Non
                       help=f"pre-trained checkpoint whose encoder initialises the {model}")
     init.add_argument("--scratch", action="store_true", help="train from a random initialisation")
     init.add_argument("--test", metavar="CKPT", default=None, help=test_help)
+    p.add_argument("--source", choices=("student", "ema", "teacher"), default=None,
+                   help="with --finetune: the encoder to load (sets finetune.source): student, ema (the model_ema "
+                        "average; a GM3D checkpoint without one: its EMA teacher) or teacher (GM3D's EMA teacher)")
 
 
 def check_init_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -53,6 +56,10 @@ def check_init_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         p.error("say how to initialise: --finetune CKPT, --scratch, or --test CKPT (or --resume)")
     if args.resume and (args.finetune or args.scratch or args.test):
         p.error("--resume continues a run with its own weights; drop --finetune / --scratch / --test")
+    if getattr(args, "source", None):
+        if not args.finetune:
+            p.error("--source chooses the encoder of the --finetune checkpoint; it needs --finetune CKPT")
+        args.opts = [*args.opts, f"finetune.source={args.source}"]
 
 
 def parse_with_overrides(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:

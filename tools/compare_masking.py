@@ -16,6 +16,14 @@ Arms (``--arms``, default all but ``random_eqtime`` unless ``--equal-time``):
                      no-grad passes; an upper reference for what a scorer could reach, not a method);
 * ``random_eqtime``  random masking trained for as many epochs as ``gm3d_opts``'s wall-clock buys.
 
+``--ema`` adds weight averaging (the ``model_ema`` section, docs/EMA.md) at the paper teacher's schedule
+(0.999 -> 0.9999 over the first quarter of the run, BatchNorm statistics averaged) to every arm but
+``gm3d_paper``, whose EMA teacher already is that average; one run then gives the student and its average,
+and the table adds the average's linear SVM (``model-EMA SVM``). ``--ema-decay START END`` changes the
+schedule (for instance a slow average over ``gm3d_opts``, whose own teacher decays 0.99 -> 0.995).
+``--finetune-source ARM=SOURCE`` fine-tunes that arm from ``student``, ``ema`` (the model EMA) or
+``teacher`` (a GM3D run's EMA teacher); each source fine-tunes into its own folder.
+
 Every arm masks the same number of patches (``--count``, the masked-count rule of ``model.mask.count``),
 so the arms differ only in which patches they hide. Each run is the real CLI (``main_pretrain.py``) in a
 subprocess; a finished run is reused (its overrides must match). Per arm and seed it records the linear
@@ -73,6 +81,21 @@ def _run(cmd: list[str], run_dir: Path, what: str) -> float:
     return wall
 
 
+def ema_overrides(epochs: int, start: float = 0.999, end: float = 0.9999) -> list[str]:
+    """``model_ema`` at GM3D's paper-teacher schedule (``gm3d_paper``: the ramp spans a quarter of the run)."""
+    return ["model_ema.enabled=true", f"model_ema.decay_start={start}", f"model_ema.decay_end={end}",
+            f"model_ema.ramp_epochs={max(1, math.ceil(epochs / 4))}", "model_ema.bn=average"]
+
+
+def train_seconds(run_dir: Path) -> float | None:
+    """The summed training time of a run's epochs (``time_s`` of metrics.jsonl: no evaluation, no start-up)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return sum(float(r["time_s"]) for r in recs if r.get("epoch", -1) >= 0 and "time_s" in r)
+
+
 def run_arm(config: str, run_dir: Path, opts: list[str], report: bool = False) -> dict | None:
     """Run one pre-training (or reuse a finished one with the same overrides): summary + wall-clock.
     With ``report`` nothing runs: None for a run that has not finished."""
@@ -110,10 +133,12 @@ def run_once(out_json: Path, cmd: list[str], what: str, report: bool = False) ->
     return json.loads(out_json.read_text())
 
 
-def finetune(run_dir: Path, config: str, opts: list[str], report: bool = False) -> dict:
-    """Fine-tune the run's last checkpoint with ``config`` (main_finetune.py): its summary
-    (``report``: only an existing one, else ``{}``)."""
-    ft_dir = run_dir / "finetune"
+def finetune(run_dir: Path, config: str, opts: list[str], report: bool = False, source: str = "student") -> dict:
+    """Fine-tune the run's last checkpoint with ``config`` (main_finetune.py) from the encoder ``source``:
+    its summary (``report``: only an existing one, else ``{}``)."""
+    ft_dir = run_dir / ("finetune" if source == "student" else f"finetune_{source}")
+    if source != "student":
+        opts = [*opts, f"finetune.source={source}"]
     summary = ft_dir / "summary.json"
     if report and not summary.exists():
         return {}
@@ -191,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune-opts", nargs="*", default=[],
                    help="overrides for the fine-tuning runs (their seed is the arm's)")
     p.add_argument("--ema-svm", action="store_true", help="also the linear SVM of GM3D arms' EMA-teacher encoder")
+    p.add_argument("--ema", action="store_true",
+                   help="weight averaging (model_ema) in every arm but gm3d_paper, at the paper teacher's schedule")
+    p.add_argument("--ema-decay", type=float, nargs=2, default=(0.999, 0.9999), metavar=("START", "END"),
+                   help="the --ema decay ramp (over the first quarter of the run)")
+    p.add_argument("--finetune-source", nargs="*", default=[], metavar="ARM=SOURCE",
+                   help="fine-tune ARM from student (default), ema (model_ema) or teacher (a GM3D EMA teacher)")
     p.add_argument("--probe", action="store_true",
                    help="also the content-shuffle and rotation statistics of GM3D arms' scores (tools/gc_probe.py)")
     p.add_argument("--probe-limit", type=int, default=32, help="shapes used by --probe")
@@ -201,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="pre-train nothing: evaluate the runs that have finished (e.g. beside a running experiment)")
     p.add_argument("opts", nargs="*", help="overrides for every arm (e.g. max_epoch=20 total_bs=4 threads=1)")
     args = p.parse_args(argv)
+    ft_source: dict[str, str] = {}
+    for item in args.finetune_source:
+        arm, _, src = item.partition("=")
+        if arm not in ARMS or src not in ("student", "ema", "teacher"):
+            p.error(f"--finetune-source {item!r}: expected ARM=SOURCE with ARM one of {', '.join(ARMS)} and "
+                    f"SOURCE one of student, ema, teacher")
+        ft_source[arm] = src
     arms = set(args.arms or [a for a in ARMS if a != "random_eqtime"])
     if args.equal_time:
         arms.add("random_eqtime")
@@ -216,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     def pretrain(arm: str, seed: int) -> Callable[..., dict]:
         def fn(*deps: dict) -> dict:
             common = [f"seed={seed}", f"model.mask.count={args.count}", *args.opts]
+            if args.ema and arm != "gm3d_paper":
+                common = [*common, *ema_overrides(epochs, *args.ema_decay)]
             run_dir = out / f"{arm}_s{seed}"
             if any(d is None for d in deps):  # --report: a dependency has not finished
                 return None
@@ -241,11 +281,15 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = out / f"{arm}_s{seed}"
             ev: dict[str, Any] = {}
             if args.finetune and arm in (args.finetune_arms or [a for a in ARMS if a != "random_eqtime"]):
-                ft = finetune(run_dir, args.finetune, [f"seed={seed}", *threads, *args.finetune_opts], args.report)
-                ev["ft_last"], ev["ft_best"] = ft.get("last_value"), ft.get("best_value")
+                src = ft_source.get(arm, "student")
+                ft = finetune(run_dir, args.finetune, [f"seed={seed}", *threads, *args.finetune_opts], args.report,
+                              src)
+                ev["ft_last"], ev["ft_best"], ev["ft_source"] = ft.get("last_value"), ft.get("best_value"), src
+            ev["model_ema_svm"] = (res.get("last") or {}).get("ema_svm_acc")
+            ev["train_s"] = train_seconds(run_dir)
             if args.ema_svm and arm.startswith("gm3d"):
                 cmd = [sys.executable, str(REPO / "tools/eval_svm.py"), "--config", str(run_dir / "config.yaml"),
-                       "--ckpt", str(run_dir / "ckpt-last.pth"), "--source", "ema", "--json",
+                       "--ckpt", str(run_dir / "ckpt-last.pth"), "--source", "teacher", "--json",
                        str(run_dir / "ema_svm.json"), *threads]
                 ema = run_once(run_dir / "ema_svm.json", cmd, "EMA-teacher SVM", args.report)
                 ev["ema_svm"] = ema["svm_acc"] if ema else None
@@ -292,9 +336,10 @@ def format_table(results: dict[str, list[dict]], args, cfg) -> str:
         f"{cpu_name()}, {cfg.threads or torch.get_num_threads()} thread(s) per run, "
         f"{args.jobs} run(s) at a time, {cfg.precision}. Best epoch = selected on the test split.",
         "",
-        "| arm | seeds | SVM last | SVM best | EMA-teacher SVM | fine-tune last | fine-tune best | shuffle rho | "
-        "rotation rho | scores vs target rho (position baseline) | wall-clock per run (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | seeds | SVM last | SVM best | EMA-teacher SVM | model-EMA SVM | fine-tune last | fine-tune best | "
+        "shuffle rho | rotation rho | scores vs target rho (position baseline) | wall-clock per run (s) | "
+        "training time per run (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, rs in results.items():
         wall = [r["wall_s"] for r in rs]
@@ -305,11 +350,14 @@ def format_table(results: dict[str, list[dict]], args, cfg) -> str:
             wall_txt += f", {sum(r['epochs'] for r in rs) / len(rs):.0f} epochs"
         lines.append("| " + " | ".join([
             arm, str(len(rs)), mean_std([r.get("last_value") for r in rs]), mean_std([r.get("best_value") for r in rs]),
-            mean_std([r.get("ema_svm") for r in rs]), mean_std([r.get("ft_last") for r in rs]),
+            mean_std([r.get("ema_svm") for r in rs]), mean_std([r.get("model_ema_svm") for r in rs]),
+            mean_std([r.get("ft_last") for r in rs]) + "".join(sorted({f" ({r['ft_source']})" for r in rs
+                                                                      if r.get("ft_source", "student") != "student"})),
             mean_std([r.get("ft_best") for r in rs]), mean_std([_probe_value(r, "shuffle_rho") for r in rs]),
             mean_std([_probe_value(r, "rotation_rho") for r in rs]),
             f"{mean_std([_probe_value(r, 'target_rho_heldout') for r in rs])} "
-            f"({mean_std([_probe_value(r, 'position_baseline_rho') for r in rs])})", wall_txt]) + " |")
+            f"({mean_std([_probe_value(r, 'position_baseline_rho') for r in rs])})", wall_txt,
+            mean_std([r.get("train_s") for r in rs])]) + " |")
     return "\n".join(lines)
 
 

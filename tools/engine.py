@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from models.base import TrainHooks
+from models.ema import build_model_ema
 from tools import checkpoint as ckpt_io
 from tools.optim import build_optimizer, lr_at, set_lr
 from utils import dist
@@ -244,6 +245,9 @@ class Trainer:
         self.evaluators = list(evaluators)
         self.best_key = cfg["eval"]["best_metric"]
         self.model = model.to(self.device)
+        # weight averaging (model_ema section, models/ema.py): None when off, so nothing changes then
+        self.model_ema = build_model_ema(cfg.get("model_ema"), self.model,
+                                         cfg.where("model_ema") if hasattr(cfg, "where") else "model_ema")
         self.base_lr = float(cfg["optimizer"]["kwargs"]["lr"])
         self.optimizer = build_optimizer(self.model, cfg["optimizer"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -305,6 +309,8 @@ class Trainer:
             "config": self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(self.cfg),
             "rng": ckpt_io.rng_state(),
             "history": [dict(r) for r in self.history],
+            **({"model_ema": self.model_ema.ema_state(), "model_ema_updates": self.model_ema.num_updates}
+               if self.model_ema is not None else {}),
         }
 
     def _resume(self) -> None:
@@ -315,6 +321,11 @@ class Trainer:
             raise ckpt_io.CheckpointError(
                 f"{path} was written by model {state['model_name']}, this run builds {type(m).__name__}")
         ckpt_io.load_state_dict_checked(m, ckpt_io.extract_state_dict(state, path), what=str(path))
+        if self.model_ema is not None:
+            if not isinstance(state.get("model_ema"), Mapping):
+                raise CheckpointError(f"{path} holds no model_ema weights (the run was started with model_ema off); "
+                                      f"resume with model_ema.enabled=false or start a new run")
+            self.model_ema.load_ema_state(state["model_ema"], int(state.get("model_ema_updates", 0)))
         self.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -497,6 +508,8 @@ class Trainer:
             if ev.every > 0 and ((epoch + 1) % ev.every == 0 or epoch + 1 == self.max_epoch or epoch < 0):
                 if self.is_main:
                     out.update(ev(unwrap(self.model), epoch))
+                    if self.model_ema is not None and epoch >= 0 and getattr(ev, "name", "") == "svm":
+                        out.update({f"ema_{k}": v for k, v in ev(self.model_ema.module, epoch).items()})
         dist.barrier()
         return out
 
@@ -515,6 +528,9 @@ class Trainer:
             set_epoch(epoch)
         hook_model = hooks_of(unwrap(self.model))
         hook_model.on_epoch_start(epoch, self.max_epoch)
+        if self.model_ema is not None:
+            self.model_ema.set_epoch(epoch)
+        n_updates = 0  # optimizer steps of this epoch
         sums: dict[str, torch.Tensor] = {}  # on the device: no host read per iteration
         window: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (iteration, loss, bad input) to check
         n_iter = len(self.loader)
@@ -555,6 +571,9 @@ class Trainer:
                 self.scaler.update()
                 opt.zero_grad(set_to_none=True)
                 hook_model.after_step()
+                if self.model_ema is not None:
+                    self._ema_step(epoch, n_updates, n_iter)
+                n_updates += 1
             for k, v in out.items():
                 if torch.is_tensor(v) and v.numel() == 1:
                     term = v.detach().reshape(()).double()
@@ -574,11 +593,26 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         metrics = {f"train/{k}": float(v) / n_iter for k, v in sums.items()}
         metrics.update({f"train/{k}": v for k, v in hook_model.extra_metrics().items()})
+        if self.model_ema is not None:
+            metrics["train/model_ema_decay"] = self.model_ema.current_decay()
         metrics = dist.all_reduce_mean(metrics, self.device)
         metrics["lr"] = lr
         metrics["time_s"] = elapsed
         metrics["samples_per_s"] = samples * self.world / max(elapsed, 1e-9)
         return metrics
+
+    def _ema_step(self, epoch: int, n_updates: int, n_iter: int) -> None:
+        """Update the weight average after optimizer step ``n_updates`` of ``epoch`` when the run's step count
+        is a multiple of ``model_ema.every``. Under DDP every rank averages its own replica (the weights are
+        identical after each step); the averaged buffers are then taken from rank 0, because each rank's
+        BatchNorm statistics have just seen its own batch."""
+        per_epoch = -(-n_iter // self.accum)
+        if (epoch * per_epoch + n_updates + 1) % self.model_ema.cfg.every:
+            return
+        self.model_ema.update(unwrap(self.model))
+        if self.world > 1:
+            for b in self.model_ema.module.buffers():
+                torch.distributed.broadcast(b, 0)
 
     def fit(self) -> dict[str, Any]:
         """Train to ``max_epoch``; returns a summary with the last- and best-epoch metrics labelled."""

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset-config", default=None,
                    help="official data-set YAML, e.g. cfgs/dataset_configs/ModelNet40.yaml (train/test subsets)")
     add_data_args(p)
-    p.add_argument("--source", choices=("student", "ema"), default="student",
+    p.add_argument("--source", choices=("student", "ema", "teacher"), default="student",
                    help="GM3D checkpoints: the student's encoder or the EMA teacher's (default: student)")
     p.add_argument("--C", type=float, default=None, help="SVM C (default: eval.svm_C of the config)")
     p.add_argument("--repeats", type=int, default=0, metavar="K",

@@ -206,8 +206,9 @@ def build_finetune_model(cfg: Mapping[str, Any], *, ckpt: str | None = None, scr
     if bool(ckpt) == bool(scratch):
         raise ConfigError(f"{task} needs exactly one of --finetune CKPT (pre-trained encoder) or --scratch "
                           "(random initialisation)")
-    if cfg["finetune"]["source"] not in ("student", "ema"):
-        raise ConfigError(f"finetune.source must be 'student' or 'ema', got {cfg['finetune']['source']!r}")
+    if cfg["finetune"]["source"] not in ("student", "ema", "teacher"):
+        raise ConfigError(f"finetune.source must be 'student', 'ema' (model_ema weights; a GM3D checkpoint without "
+                          f"them: its EMA teacher) or 'teacher' (GM3D's EMA teacher), got {cfg['finetune']['source']!r}")
     torch.manual_seed(int(cfg["seed"]))
     model = build_model_from_cfg(cfg)
     if not isinstance(model, kind):

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 __all__ = ["load_pretrained_encoder", "load_finetuned", "load_knowledge_teacher", "load_start_checkpoint"]
 
 
-def load_pretrained_encoder(model: nn.Module, path: str | Path, *, source: Literal["student", "ema"] = "student"
+def load_pretrained_encoder(model: nn.Module, path: str | Path, *, source: Literal["student", "ema", "teacher"] = "student"
                             ) -> dict[str, Any]:
     """Load a pre-trained encoder into a fine-tuning model (classifier or segmentation).
 
@@ -53,8 +53,8 @@ def load_pretrained_encoder(model: nn.Module, path: str | Path, *, source: Liter
     info["missing"] = missing
     for kind, keys in info["dropped"].items():
         log.info("%s: dropped %d %s keys (%s)", path, len(keys), kind, show_keys(keys, 4))
-    log.info("loaded %d encoder tensors from %s (%s); left at init: %s", info["n_encoder"], path,
-             info["layout"], show_keys(missing, 6))
+    log.info("loaded %d encoder tensors (source %s) from %s (%s); left at init: %s", info["n_encoder"],
+             source, path, info["layout"], show_keys(missing, 6))
     return info
 
 

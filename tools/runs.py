@@ -158,6 +158,11 @@ def _report(summary: dict[str, Any], out: Path) -> None:
         lines.append(f"linear SVM, last epoch ({summary['last_epoch']}): {summary['last_value']:.2f} %")
         if n_test:
             lines.append(f"  {format_accuracy(summary['last_value'], n_test)}")
+    ema_last = (summary.get("last") or {}).get("ema_svm_acc")
+    if ema_last is not None:
+        lines.append(f"linear SVM, model_ema encoder, last epoch ({summary['last_epoch']}): {ema_last:.2f} %")
+        if n_test:
+            lines.append(f"  {format_accuracy(ema_last, n_test)}")
     if summary.get("best_value") is not None:
         lines.append(f"linear SVM, best epoch ({summary['best_epoch']}, selected on the SVM test split): "
                      f"{summary['best_value']:.2f} %")
