@@ -38,9 +38,12 @@ def test_pretrain_cli_end_to_end(tiny_config, tmp_path):
     assert any(k.startswith("MAE_encoder.blocks.blocks.0.") for k in ckpt["base_model"])
 
 
-@pytest.mark.parametrize("model_name", ["Point_MAE", "Point_MAE_GM3D"])
-def test_resume_reproduces_uninterrupted_run(tiny_config, tmp_path, model_name):
+@pytest.mark.parametrize("model_name,ema", [("Point_MAE", False), ("Point_MAE_GM3D", False), ("Point_MAE_GM3D", True)])
+def test_resume_reproduces_uninterrupted_run(tiny_config, tmp_path, model_name, ema):
     extra = {"eval": {"svm_every": 0}, "max_epoch": 3}
+    if ema:  # weight averaging with a ramp, warm-up and every 3rd step: its counter and ramp resume too
+        extra["model_ema"] = {"enabled": True, "decay_start": 0.6, "decay_end": 0.9, "ramp_epochs": 2,
+                              "warmup": True, "every": 3}
     if model_name == "Point_MAE_GM3D":
         extra["model"] = {**tiny_pretrain_cfg()["model"], "NAME": model_name,
                           "gm3d": {"gc_decoder_depth": 1}, "mask": {"alpha_max": 1.0}}
@@ -58,10 +61,15 @@ def test_resume_reproduces_uninterrupted_run(tiny_config, tmp_path, model_name):
         for k in x:
             if k.startswith("train/"):
                 assert x[k] == y[k], (k, x[k], y[k])
-    sa = torch.load(full / "ckpt-last.pth", weights_only=True)["base_model"]
-    sb = torch.load(part / "ckpt-last.pth", weights_only=True)["base_model"]
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    ca, cb = (torch.load(p / "ckpt-last.pth", weights_only=True) for p in (full, part))
+    for key in ("base_model", "model_ema") if ema else ("base_model",):
+        sa, sb = ca[key], cb[key]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (key, k)
+    if ema:
+        assert ca["model_ema_updates"] == cb["model_ema_updates"] == 4  # 3 epochs x 4 steps, every 3rd
+        assert not torch.equal(ca["model_ema"]["MAE_encoder.norm.weight"], ca["base_model"]["MAE_encoder.norm.weight"])
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tiny_config, tmp_path):
