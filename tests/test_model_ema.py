@@ -346,6 +346,18 @@ def test_source_ema_without_averaged_weights_is_one_clear_error(tmp_path):
         load_pretrained_encoder(model, tmp_path / "plain.pth", source="teacher")
 
 
+def test_compare_masking_ema_arm_options(tmp_path):
+    from tools.compare_masking import ema_overrides, main, train_seconds
+    assert ema_overrides(20) == ["model_ema.enabled=true", "model_ema.decay_start=0.999",
+                                 "model_ema.decay_end=0.9999", "model_ema.ramp_epochs=5", "model_ema.bn=average"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": -1}\n{"epoch": 0, "time_s": 1.5}\n{"epoch": 1, "time_s": 2.0}\n')
+    assert train_seconds(run) == 3.5
+    with pytest.raises(SystemExit):
+        main(["--report", "--out", str(tmp_path), "--finetune-source", "random=decoder"])
+
+
 @pytest.mark.slow
 def test_cli_source_ema_for_finetune_fewshot_and_segmentation(tmp_path):
     """``--source ema`` through main_finetune.py (plain and --fewshot) and segmentation/main.py loads the
