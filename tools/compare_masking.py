@@ -35,6 +35,11 @@ seeds) is printed and written to ``<out>/compare.md``, every raw number to ``<ou
     python tools/compare_masking.py --config cfgs/pretrain/quickstart.yaml --seeds 0 1 2 --jobs 2 \\
         --out experiments/compare_masking --equal-time --ema-svm --probe \\
         --finetune cfgs/finetune/quickstart_cls.yaml total_bs=4 max_epoch=20 threads=1
+
+    # weight averaging against GM3D (docs/EMA.md): random + model EMA beside the paper's GM3D
+    python tools/compare_masking.py --out experiments/ema_compare --arms random gm3d_paper --ema --ema-svm \
+        --jobs 2 -- total_bs=4 max_epoch=20 scheduler.kwargs.epochs=20 scheduler.kwargs.initial_epochs=2 \
+        optimizer.kwargs.lr=0.0005 eval.svm_every=10 threads=1
 """
 
 from __future__ import annotations
