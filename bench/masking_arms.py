@@ -1,6 +1,6 @@
 """Time one pre-training step of every arm of the masking experiment (tools/compare_masking.py).
 
-    python bench/masking_arms.py [--batch 4] [--threads 1] [--repeats 10] [--epoch 15]
+    python bench/masking_arms.py [--batch 4] [--threads 1] [--repeats 10] [--epoch 15] [--arms random ...]
 
 The arms are built from cfgs/pretrain/quickstart.yaml with the overrides that compare_masking.py gives
 them (GM3D with a 2-block GC decoder, variant C with a random, untrained knowledge teacher: its weights
@@ -8,6 +8,7 @@ do not change the cost). One step = forward, backward, AdamW, and the EMA update
 of 20 so that the curriculum selects part of the mask. All arms run round-robin inside every repeat, so
 a busy machine slows them alike; the table gives the median step time and its ratio to ``random``, the
 baseline measured in the same run. compare_masking's ``--eqtime-epochs`` can be set from the ratio.
+``random_ema`` is ``random`` plus the ``model_ema`` update of compare_masking's ``--ema`` (docs/EMA.md).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ OPTIONS = ["model.gm3d.ema_bn=copy", "model.gm3d.ema_warmup=true", "model.gm3d.g
            "model.gm3d.gc_chamfer_norm=true"]
 ARMS = {
     "random": [],
+    "random_ema": [],  # + model_ema at the paper teacher's schedule, updated after every step
     "block": ["model.transformer_config.mask_type=block"],
     "gm3d_paper": GM3D,
     "gm3d_opts": GM3D + OPTIONS + ["model.gm3d.gc_scorer=content"],
@@ -46,10 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--epoch", type=int, default=15, help="epoch of 20 (the GM3D curriculum's share)")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="arms to time (random always)")
     args = p.parse_args(argv)
+    from models.ema import ModelEMA, ModelEMAConfig
+
+    arms = {a: ARMS[a] for a in ARMS if a in args.arms or a == "random"}
     torch.set_num_threads(args.threads)
     steps = {}
-    for arm, opts in ARMS.items():
+    for arm, opts in arms.items():
         torch.manual_seed(0)
         cfg = load_config("cfgs/pretrain/quickstart.yaml", [f"total_bs={args.batch}", "model.mask.count=gm3d", *opts])
         model = build_model_from_cfg(cfg, load_teacher=False)
@@ -58,16 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         model.on_epoch_start(args.epoch, 20)
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], 1e-3)
-        steps[arm] = (model, opt)
+        ema = ModelEMA(model, ModelEMAConfig(enabled=True, decay_start=0.999, decay_end=0.9999, ramp_epochs=5)) \
+            if arm == "random_ema" else None
+        steps[arm] = (model, opt, ema)
     x = {"points": torch.randn(args.batch, int(cfg.npoints), 3, generator=torch.Generator().manual_seed(0))}
-    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
     for r in range(args.repeats + 2):
-        for arm, (model, opt) in steps.items():
+        for arm, (model, opt, ema) in steps.items():
             t0 = time.perf_counter()
             model(x, epoch=args.epoch)["loss"].backward()
             opt.step()
             opt.zero_grad()
             model.after_step()
+            if ema is not None:
+                ema.update(model)
             if r >= 2:  # two warm-up rounds
                 times[arm].append(time.perf_counter() - t0)
     base = statistics.median(times["random"])
