@@ -65,10 +65,13 @@ if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.p
 import torch  # noqa: E402
 
 ARMS = ("random", "block", "gm3d_paper", "gm3d_opts", "gm3d_position", "gm3d_oracle", "random_eqtime")
-def deps_of(arm: str) -> list[str]:
+def deps_of(arm: str, eqtime_fixed: bool = False) -> list[str]:
     """The arms whose run of the same seed ``arm`` needs: a GM3D arm's knowledge teacher is the ``random``
-    run; ``random_eqtime`` takes its length from the ``random`` and ``gm3d_opts`` wall-clocks."""
-    return ["random"] if arm.startswith("gm3d") else ["random", "gm3d_opts"] if arm == "random_eqtime" else []
+    run; ``random_eqtime`` takes its length from the ``random`` and ``gm3d_opts`` wall-clocks (from nothing
+    when ``eqtime_fixed``: ``--eqtime-epochs`` gives it)."""
+    if arm == "random_eqtime":
+        return [] if eqtime_fixed else ["random", "gm3d_opts"]
+    return ["random"] if arm.startswith("gm3d") else []
 
 
 GM3D_OPTIONS = ["model.gm3d.ema_bn=copy", "model.gm3d.ema_warmup=true", "model.gm3d.gc_target=zscore",
@@ -247,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     arms = set(args.arms or [a for a in ARMS if a != "random_eqtime"])
     if args.equal_time:
         arms.add("random_eqtime")
-    arms |= {d for a in arms for d in deps_of(a)}
+    fixed = args.eqtime_epochs is not None
+    arms |= {d for a in arms for d in deps_of(a, fixed)}
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -259,16 +263,20 @@ def main(argv: list[str] | None = None) -> int:
     def pretrain(arm: str, seed: int) -> Callable[..., dict]:
         def fn(*deps: dict) -> dict:
             common = [f"seed={seed}", f"model.mask.count={args.count}", *args.opts]
-            if args.ema and arm != "gm3d_paper":
+            if args.ema and arm not in ("gm3d_paper", "random_eqtime"):
                 common = [*common, *ema_overrides(epochs, *args.ema_decay)]
             run_dir = out / f"{arm}_s{seed}"
             if any(d is None for d in deps):  # --report: a dependency has not finished
                 return None
             if arm == "random_eqtime":
-                rand, opt = deps
-                eq = args.eqtime_epochs or max(epochs, round(epochs * opt["wall_s"] / rand["wall_s"]))
-                res = run_arm(args.config, run_dir, [*common, f"max_epoch={eq}", f"scheduler.kwargs.epochs={eq}"],
-                              args.report or args.no_train)
+                if fixed:
+                    eq = args.eqtime_epochs
+                else:
+                    rand, opt = deps
+                    eq = max(epochs, round(epochs * opt["wall_s"] / rand["wall_s"]))
+                ema = ema_overrides(eq, *args.ema_decay) if args.ema else []  # the ramp: a quarter of this run
+                res = run_arm(args.config, run_dir, [*common, f"max_epoch={eq}", f"scheduler.kwargs.epochs={eq}",
+                                                     *ema], args.report or args.no_train)
                 return None if res is None else {**res, "epochs": eq}
             res = run_arm(args.config, run_dir, arm_overrides(arm, args, common, out / f"random_s{seed}" /
                                                               "ckpt-last.pth", epochs), args.report or args.no_train)
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     order = [a for a in ARMS if a in arms]
     for arm in order:  # pre-training first (dependencies before their users), then the evaluations
         for seed in args.seeds:
-            tasks.append((f"{arm}_s{seed}", [f"{d}_s{seed}" for d in deps_of(arm)], pretrain(arm, seed)))
+            tasks.append((f"{arm}_s{seed}", [f"{d}_s{seed}" for d in deps_of(arm, fixed)], pretrain(arm, seed)))
     for arm in order:
         for seed in args.seeds:
             tasks.append((f"eval_{arm}_s{seed}", [f"{arm}_s{seed}"], evaluate(arm, seed)))
