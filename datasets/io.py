@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import pickle
+import struct
 import tokenize
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -322,6 +323,26 @@ def check_labels(labels: Any, num_classes: int, source: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------- restricted pickle
+# Why the pure-Python unpickler: CPython's C unpickler grows its memo table to twice the largest memo index
+# it is given (PUT / BINPUT / LONG_BINPUT), before any global is looked up, so one opcode with index 1.2e9
+# costs ~20 GB; it also allocates a BYTEARRAY8 / BINBYTES8 payload at its claimed size before reading it.
+# ``pickle._Unpickler`` keeps the memo in a dict, reads through the bounded reader below, and dispatches
+# every opcode through a table, so each call, object construction and BUILD is checked here before it
+# allocates. For data pickles (a few opcodes per array) it is as fast as the C one: docs/RELIABILITY.md.
+_PLAIN_TYPES = (int, float, complex, bool, tuple, list, dict, set, frozenset)
+"""Builtins a data pickle may call (or ``__new__``) with any arguments: their size follows their input."""
+
+_DTYPE_BAD_FLAGS = 0x01 | 0x02 | 0x04 | 0x20 | 0x40
+"""numpy dtype flags of object-holding types (ITEM_REFCOUNT, LIST_PICKLE, ITEM_IS_POINTER, USE_GETITEM,
+USE_SETITEM); a dtype state that sets them would make numpy treat raw bytes as object pointers."""
+
+MAX_PICKLE_NODES_FLOOR = 100_000
+"""The unfolded object tree of a data pickle may have at most max(file size in bytes, this) nodes."""
+
+MAX_PICKLE_DEPTH = 100
+"""Containers in a data pickle may nest at most this deep (data caches nest three or four levels)."""
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     """(module, name) -> object that a data pickle may reference: numpy arrays and builtin values."""
     import codecs
@@ -357,13 +378,72 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the globals of :func:`_allowed_globals`."""
+class _BoundedReader:
+    """``read`` / ``readline`` over a memory map that never allocate past the end of the file and raise on
+    a short read (the pure-Python unpickler itself would accept a short read silently)."""
 
-    def __init__(self, file: io.BufferedIOBase, source: str):
-        super().__init__(file, encoding="latin1")
+    def __init__(self, buf: Any, source: str):
+        self._buf, self._source, self.size = buf, source, len(buf)
+
+    def read(self, n: int) -> bytes:
+        pos = self._buf.tell()
+        if n > self.size - pos:
+            raise DataError(
+                f"'{self._source}' is truncated or corrupt: the pickle asks for {n} bytes at byte {pos} but "
+                f"only {self.size - pos} remain in the {self.size}-byte file"
+            )
+        return self._buf.read(n)
+
+    def readline(self) -> bytes:
+        line = self._buf.readline()
+        if not line.endswith(b"\n"):
+            raise DataError(f"'{self._source}' is truncated or corrupt: it ends inside a text opcode argument")
+        return line
+
+
+def _short(obj: Any) -> str:
+    """A bounded repr of an unpickled value (a plain repr of shared nested lists can be huge)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, 40, 40
+    return short.repr(obj)
+
+
+def _nbytes(shape: Any, dtype: Any, source: str) -> int:
+    """Bytes of an array of ``shape`` and ``dtype`` (Python ints: no overflow)."""
+    dims = (shape,) if isinstance(shape, int) else shape
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) and d >= 0 for d in dims):
+        raise DataError(f"'{source}': array shape {_short(shape)} is not a tuple of non-negative integers")
+    n = np.dtype(dtype).itemsize if not isinstance(dtype, np.dtype) else dtype.itemsize
+    for d in dims:
+        n *= d
+    return n
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """The pure-Python unpickler with every allocation checked against what the file can hold.
+
+    Globals: only those of :func:`_allowed_globals`. Calls (REDUCE, NEWOBJ, INST, OBJ): the plain builtins
+    of :data:`_PLAIN_TYPES` freely; ``bytes`` / ``bytearray`` / numpy array constructions charged to a
+    budget of the file's size; ``str`` and ``_codecs.encode`` only on strings and bytes (``str`` of a
+    container would expand shared references); dtypes only plain (no object, structured or sub-array
+    type). BUILD: only on numpy arrays (raw data of exactly the shape's size) and dtypes (a plain state).
+    Memo indices: below the file size (each memo entry costs at least one byte of the file).
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
+    def __init__(self, reader: _BoundedReader, source: str):
+        super().__init__(reader, encoding="latin1")
         self._source = source
         self._allowed = _allowed_globals()
+        self._size = reader.size
+        self._budget = reader.size
+
+    # ----------------------------------------------------------------------------- refusals
+    def _refuse(self, what: str) -> DataError:
+        return DataError(f"'{self._source}' is not a safe data pickle: {what}")
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -375,40 +455,228 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:
-        raise DataError(f"'{self._source}': refused persistent id {pid!r} in a data pickle")
+        raise DataError(f"'{self._source}': refused persistent id {_short(pid)} in a data pickle")
+
+    def _charge(self, nbytes: int, what: str) -> None:
+        if nbytes > self._budget:
+            raise self._refuse(
+                f"{what} would allocate {nbytes} bytes, more than the {self._size}-byte file can hold"
+            )
+        self._budget -= nbytes
+
+    def _memo_index(self, index: int, opcode: str) -> int:
+        if index >= self._size:
+            raise self._refuse(
+                f"{opcode} stores memo index {index}, more than a {self._size}-byte file can hold"
+            )
+        return index
+
+    # ----------------------------------------------------------------------------- calls
+    def _call(self, func: Any, args: Any, kwargs: Any = None, new: bool = False) -> Any:
+        """``func(*args, **kwargs)`` (or ``func.__new__(func, *args)``) after the checks of the class doc."""
+        import codecs
+
+        from numpy._core import multiarray, numeric
+
+        args = tuple(args) if isinstance(args, (tuple, list)) else args
+        if not isinstance(args, tuple) or not isinstance(kwargs or {}, dict):
+            raise self._refuse(f"call arguments of {_short(func)} are a {type(args).__name__}, not a tuple")
+        kwargs = dict(kwargs or {})
+        name = func.__qualname__ if isinstance(func, type) or callable(func) and hasattr(func, "__qualname__") \
+            else f"a {type(func).__name__}"
+        if func in _PLAIN_TYPES:
+            pass
+        elif func in (bytes, bytearray):
+            for a in [*args, *kwargs.values()]:
+                if isinstance(a, int) and not isinstance(a, bool):
+                    self._charge(a, f"{name}({a})")
+        elif func is str or func is codecs.encode:
+            if any(not isinstance(a, (str, bytes, bytearray)) for a in [*args, *kwargs.values()]):
+                kinds = ", ".join(type(a).__name__ for a in args)
+                raise self._refuse(f"{name}() called on ({kinds}); only strings and bytes are allowed")
+            if func is codecs.encode and (len(args) < 2 or str(args[1]).lower() not in ("latin1", "latin-1")):
+                raise self._refuse(f"_codecs.encode with encoding {_short(args[1:2])}; only latin1 is allowed")
+        elif func is np.dtype:
+            if not args or not isinstance(args[0], str):
+                raise self._refuse(f"numpy.dtype({_short(args[:1])}); only a type string is allowed")
+            result = np.dtype.__new__(np.dtype, *args, **kwargs) if new else np.dtype(*args, **kwargs)
+            if result.hasobject or result.fields is not None or result.subdtype is not None:
+                raise self._refuse(f"numpy dtype {_short(args[0])}; only plain numeric, bool, bytes and str dtypes")
+            return result
+        elif func is multiarray._reconstruct and not new:
+            if len(args) != 3 or args[0] is not np.ndarray:
+                raise self._refuse(f"numpy _reconstruct{_short(args)}; only plain ndarrays are allowed")
+            self._charge(_nbytes(args[1], args[2], self._source), f"numpy array of shape {_short(args[1])}")
+        elif func is multiarray.scalar and not new:
+            if not args or not isinstance(args[0], np.dtype) or args[0].hasobject:
+                raise self._refuse("numpy scalar of a non-plain dtype")
+        elif func is numeric._frombuffer and not new:
+            if len(args) != 4 or not isinstance(args[0], (bytes, bytearray, memoryview)) or \
+                    not isinstance(args[1], np.dtype) or args[1].hasobject:
+                raise self._refuse("numpy _frombuffer without a byte buffer and a plain dtype")
+        else:  # numpy.ndarray itself (numpy's own pickles never call it), or any other allowed global
+            raise self._refuse(f"{'constructing' if new else 'calling'} {name} is not allowed in a data pickle")
+        if new:
+            if not isinstance(func, type):
+                raise self._refuse(f"NEWOBJ on {name}, which is not a type")
+            return func.__new__(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def load_reduce(self) -> None:
+        args = self.stack.pop()
+        self.stack[-1] = self._call(self.stack[-1], args)
+
+    def load_newobj(self) -> None:
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._call(cls, args, new=True))
+
+    def load_newobj_ex(self) -> None:
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._call(cls, args, kwargs, new=True))
+
+    def _instantiate(self, klass: Any, args: Any) -> None:
+        self.append(self._call(klass, args))
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if type(inst) is np.ndarray:
+            self._check_array_state(state)
+        elif isinstance(inst, np.dtype):
+            self._check_dtype_state(inst, state)
+        else:
+            raise self._refuse(f"BUILD (setting the state) of a {type(inst).__name__}; only numpy arrays "
+                               "and dtypes take a state in a data pickle")
+        inst.__setstate__(state)
+        if isinstance(inst, np.dtype):
+            plain = np.dtype(inst.str)
+            if inst.hasobject or inst != plain or inst.flags != plain.flags or inst.itemsize != plain.itemsize \
+                    or inst.alignment != plain.alignment:
+                raise self._refuse(f"numpy dtype state {_short(state)} does not describe the plain dtype {inst.str}")
+
+    def _check_array_state(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], np.dtype)):
+            raise self._refuse("numpy array state is not (version, shape, dtype, is_fortran, data)")
+        _, shape, dtype, _, data = state
+        if dtype.hasobject or dtype.flags & _DTYPE_BAD_FLAGS:
+            raise self._refuse(f"numpy array of dtype {dtype}; object arrays are not allowed")
+        if not isinstance(data, (bytes, bytearray, str)):
+            raise self._refuse(f"numpy array data is a {type(data).__name__}, not bytes")
+        want = _nbytes(shape, dtype, self._source)
+        if want != len(data):
+            raise self._refuse(f"numpy array of shape {_short(shape)} and dtype {dtype} needs {want} bytes of "
+                               f"data, the pickle holds {len(data)}")
+
+    def _check_dtype_state(self, inst: np.dtype, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[2:5] == (None, None, None)
+                and isinstance(state[7], int) and not state[7] & _DTYPE_BAD_FLAGS):
+            raise self._refuse(f"numpy dtype state {_short(state)}; only plain dtypes (no fields, sub-arrays or "
+                               "object flags) are allowed")
+
+    # ----------------------------------------------------------------------------- memo and payloads
+    def load_put(self) -> None:
+        i = int(self.readline()[:-1])
+        if i < 0:
+            raise ValueError("negative PUT argument")
+        self.memo[self._memo_index(i, "PUT")] = self.stack[-1]
+
+    def load_binput(self) -> None:
+        self.memo[self._memo_index(self.read(1)[0], "BINPUT")] = self.stack[-1]
+
+    def load_long_binput(self) -> None:
+        (i,) = struct.unpack("<I", self.read(4))
+        self.memo[self._memo_index(i, "LONG_BINPUT")] = self.stack[-1]
+
+    def load_bytearray8(self) -> None:
+        (n,) = struct.unpack("<Q", self.read(8))
+        self.append(bytearray(self.read(n)))  # read first: the reader refuses a length beyond the file
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.PUT[0]] = load_put
+    dispatch[pickle.BINPUT[0]] = load_binput
+    dispatch[pickle.LONG_BINPUT[0]] = load_long_binput
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+
+
+def _check_unfolded_size(obj: Any, limit: int, source: str) -> None:
+    """Refuse a result whose object tree, with shared references unfolded, has more than ``limit`` nodes or
+    a cycle: a few bytes of BINGETs can make a nested list whose copy (``np.asarray``, ``repr``) is huge."""
+    count = 0
+    stack: list[tuple[Any, tuple[int, ...]]] = [(obj, ())]
+    while stack:
+        node, path = stack.pop()
+        count += 1
+        if count > limit:
+            raise DataError(
+                f"'{source}' is not a safe data pickle: its objects, with shared references unfolded, "
+                f"exceed {limit} nodes (the limit for a file of this size)"
+            )
+        if isinstance(node, dict):
+            children: Iterable[Any] = [*node.keys(), *node.values()]
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            children = node
+        else:
+            continue
+        if id(node) in path:
+            raise DataError(f"'{source}' is not a safe data pickle: a container holds itself (a cycle)")
+        if len(path) >= MAX_PICKLE_DEPTH:
+            raise DataError(f"'{source}' is not a safe data pickle: containers nest deeper than "
+                            f"{MAX_PICKLE_DEPTH} levels")
+        inner = (*path, id(node))
+        stack.extend((child, inner) for child in children)
 
 
 def safe_pickle_load(path: str) -> Any:
     """Unpickle a data file, admitting only numpy arrays, list, tuple, dict and builtin scalars.
 
     Nothing named by the pickle outside that set is imported or called: a file that references any other
-    global (``os.system``, ``builtins.eval``, ...) raises DataError naming the file and the global.
+    global (``os.system``, ``builtins.eval``, ...) raises DataError naming the file and the global. The
+    memory it may cost is bounded by the file: memo indices, claimed payload lengths and constructed sizes
+    beyond the file size, and object trees that unfold past max(file size, 100,000) nodes, are refused
+    before anything of that size is allocated (:class:`_RestrictedUnpickler`).
 
     Raises:
-        DataError: the file is missing, truncated or corrupt, or references a refused global.
+        DataError: the file is missing, empty, truncated or corrupt, references a refused global, or asks
+            for more memory than it can hold.
     """
+    import mmap
+
     require_file(path, "a pickle of numpy arrays")
     with open(path, "rb") as f:
-        try:
-            return _RestrictedUnpickler(f, path).load()
-        except DataError:
-            raise
-        except (
-            pickle.UnpicklingError,
-            EOFError,
-            ValueError,
-            TypeError,
-            AttributeError,
-            IndexError,
-            KeyError,
-            MemoryError,
-            OverflowError,
-            RecursionError,
-            UnicodeDecodeError,
-        ) as exc:
-            raise DataError(
-                f"'{path}' is truncated or corrupt: cannot unpickle it ({type(exc).__name__}: {exc})"
-            ) from exc
+        if os.fstat(f.fileno()).st_size == 0:
+            raise DataError(f"'{path}' is empty (expected a pickle of numpy arrays)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            reader = _BoundedReader(buf, path)
+            try:
+                obj = _RestrictedUnpickler(reader, path).load()
+            except DataError:
+                raise
+            except (
+                pickle.UnpicklingError,
+                struct.error,
+                EOFError,
+                ValueError,
+                TypeError,
+                AttributeError,
+                IndexError,
+                KeyError,
+                MemoryError,
+                OverflowError,
+                RecursionError,
+                UnicodeDecodeError,
+                SystemError,
+            ) as exc:
+                raise DataError(
+                    f"'{path}' is truncated or corrupt: cannot unpickle it ({type(exc).__name__}: {exc})"
+                ) from exc
+    _check_unfolded_size(obj, max(reader.size, MAX_PICKLE_NODES_FLOOR), path)
+    return obj
 
 
 def atomic_pickle_dump(obj: Any, path: str) -> None:
