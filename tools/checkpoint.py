@@ -12,6 +12,7 @@ when saved from a DataParallel wrapper; :func:`extract_state_dict` normalises al
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,6 +31,29 @@ FORMAT = "geomask3d-1"
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename over ``path`` (utils.io.atomic_write)."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def replace_with_link(src: str | Path, dst: str | Path) -> None:
+    """Make ``dst`` another name of ``src``'s current content (a hard link, else a copy), atomically.
+
+    The link goes to a temp name ``.<dst>.<pid>.tmp`` that is then renamed over ``dst``. When ``dst`` already
+    is a link to the same file (a kill between this call and the next write of ``src`` leaves it so),
+    ``rename`` does nothing and both names stay (POSIX: renaming one link of a file onto another link of
+    the same file is a successful no-op); the temp name is removed in every case, so none survives.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        data = src.read_bytes()
+        atomic_write(dst, lambda f: f.write(data))
+        return
+    try:
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_file(path: str | Path) -> dict:

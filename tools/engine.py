@@ -32,7 +32,6 @@ import copy
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -179,19 +178,6 @@ def _checkpoint_epoch(path: Path) -> int | None:
         return int(ckpt_io.load_file(path).get("epoch"))
     except (CheckpointError, TypeError, ValueError):
         return None
-
-
-def _replace_with_link(src: Path, dst: Path) -> None:
-    """Make ``dst`` another name of ``src``'s current content (a hard link, else a copy), atomically."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        data = src.read_bytes()
-        atomic_write(dst, lambda f: f.write(data))
-        return
-    os.replace(tmp, dst)
 
 
 def _collate_points(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -381,7 +367,7 @@ class Trainer:
             ckpt_io.atomic_save(state, self.run_dir / f"ckpt-epoch-{epoch:03d}.pth")
         last = self.run_dir / "ckpt-last.pth"
         if last.exists():  # keep the previous epoch: the fall-back when this one turns out to be broken
-            _replace_with_link(last, self.run_dir / PREVIOUS)
+            ckpt_io.replace_with_link(last, self.run_dir / PREVIOUS)
         ckpt_io.atomic_save(state, last)
         if improved:
             ckpt_io.atomic_save(state, self.run_dir / "ckpt-best.pth")
