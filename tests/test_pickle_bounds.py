@@ -1,5 +1,5 @@
 """The restricted unpickler's memory bound: a data pickle of a few KB is refused, quickly and within a small
-memory limit, whatever it asks the unpickler to allocate (docs/RELIABILITY.md, promise 9).
+memory limit, whatever it asks the unpickler to allocate (docs/RELIABILITY.md, promise 10).
 
 Each hostile file is loaded in one child process whose address space is capped at its size after the
 imports plus 100 MB (``RLIMIT_AS``): a loader that allocated what the file asks for would die with a
