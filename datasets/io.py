@@ -148,9 +148,50 @@ def read_lines(path: str, what: str) -> list[str]:
     return lines
 
 
+def human_size(n: int) -> str:
+    """``12.0 TB``, ``1.2 KB``, ``252 bytes``."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _claimed_bytes(shape: Sequence[int], dtype: np.dtype) -> int:
+    n = int(dtype.itemsize)
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _npy_overclaim(path: str) -> str | None:
+    """Why a ``.npy`` header claims more data than the file holds (shape, dtype, size of both), or None."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+            if read is None:
+                return None
+            shape, _, dtype = read(f)
+            offset = f.tell()
+    except Exception:  # a damaged header: np.load says so
+        return None
+    if dtype.hasobject:
+        return None
+    need, held = _claimed_bytes(shape, dtype), os.path.getsize(path) - offset
+    if need <= held:
+        return None
+    return (f"'{path}': its .npy header claims shape {tuple(shape)} of {dtype} ({human_size(need)} of data), but the "
+            f"file holds {human_size(held)} after the header ({held // max(dtype.itemsize, 1)} values)")
+
+
 def load_npy(path: str) -> np.ndarray:
-    """Load a ``.npy`` array without pickle support; DataError if missing, truncated or corrupt."""
+    """Load a ``.npy`` array without pickle support; DataError if missing, truncated or corrupt, or if its
+    header claims more data than the file holds (the claim and the real size are named)."""
     require_file(path, "a .npy point cloud")
+    claim = _npy_overclaim(path)
+    if claim is not None:
+        raise DataError(claim)
     try:
         return np.load(path, allow_pickle=False)
     # A damaged header reaches numpy's header parser (SyntaxError, tokenize.TokenError) or claims an
@@ -208,6 +249,7 @@ def read_h5(path: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
                 if not isinstance(node, h5py.Dataset):
                     kind = "group" if isinstance(node, h5py.Group) else type(node).__name__
                     raise DataError(f"'{path}': HDF5 key '{k}' is a {kind}; expected a dataset")
+                _check_h5_claim(path, k, node)
                 out[k] = np.asarray(node[()])
             return out
     except DataError:
@@ -226,6 +268,25 @@ def read_h5(path: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
         raise DataError(
             f"'{path}' is truncated or corrupt: cannot read it as HDF5 ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+H5_MAX_COMPRESSION = 1100
+"""Largest data-to-file size ratio accepted for a compressed HDF5 data set (deflate cannot exceed 1032:1)."""
+
+
+def _check_h5_claim(path: str, key: str, node: Any) -> None:
+    """Refuse an HDF5 data set whose header claims more data than the file can hold, before h5py allocates
+    an array of that size: the claim and the file size are named."""
+    need = _claimed_bytes(node.shape or (), node.dtype)
+    size = os.path.getsize(path)
+    compressed = bool(node.compression) or bool(getattr(node, "_filters", None))
+    limit = size * (H5_MAX_COMPRESSION if compressed else 1)
+    if need > limit:
+        how = f" (more than {H5_MAX_COMPRESSION}:1 compression could hold)" if compressed else ""
+        raise DataError(
+            f"'{path}': HDF5 key '{key}' claims shape {tuple(node.shape)} of {node.dtype} ({human_size(need)} of "
+            f"data), but the file is {human_size(size)}{how}"
+        )
 
 
 MAX_ABS_COORD = 1e6
@@ -687,9 +748,17 @@ def atomic_pickle_dump(obj: Any, path: str) -> None:
 
 # --------------------------------------------------------------------------------- the .dat cache
 def load_cloud_cache(
-    path: str, num_classes: int, min_points: int = 1, min_columns: int = 3
+    path: str, num_classes: int, min_points: int = 1, min_columns: int = 3, n_points: int | None = None
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Read a ModelNet-style ``.dat`` cache: a pickle of ``[list of float32 (N, C), list of int (1,)]``.
+
+    Args:
+        path: the cache.
+        num_classes: labels must lie in ``[0, num_classes)``.
+        min_points: rows every cloud needs (the ``npoints`` a run takes).
+        min_columns: columns every cloud needs (3, or 6 with normals).
+        n_points: the point count the cache's name states (``..._{n_points}pts_fps.dat``): every cloud
+            must have exactly that many rows. None skips the check.
 
     Returns:
         (clouds, labels): the clouds as float32 arrays and the labels as an int64 (M,) array.
@@ -708,9 +777,19 @@ def load_cloud_cache(
     points, labels = obj
     if len(points) != len(labels):
         raise DataError(f"'{path}': {len(points)} point clouds but {len(labels)} labels")
-    clouds = [
-        check_cloud(cloud, f"'{path}' entry {i}", min_points, min_columns) for i, cloud in enumerate(points)
-    ]
+    clouds = [check_cloud(cloud, f"'{path}' entry {i}", 1, min_columns) for i, cloud in enumerate(points)]
+    sizes = sorted({len(c) for c in clouds})
+    if n_points is not None and sizes and sizes != [n_points]:
+        first = next(i for i, c in enumerate(clouds) if len(c) != n_points)
+        held = ", ".join(f"{sum(len(c) == k for c in clouds)} with {k}" for k in sizes)
+        raise DataError(
+            f"'{path}': its name says {n_points} points per cloud, but entry {first} has {len(clouds[first])} "
+            f"(clouds by point count: {held}); rebuild it (prepare_data.py modelnet-cache / mesh-folder "
+            f"--n-points {n_points}) or rename it after the count it holds"
+        )
+    short = next((i for i, c in enumerate(clouds) if len(c) < min_points), None)
+    if short is not None:
+        raise DataError(f"'{path}' entry {short}: too few points: {len(clouds[short])} < {min_points} required")
     flat = []
     for i, lab in enumerate(labels):
         try:

@@ -105,7 +105,8 @@ def generate_fewshot(
     for split in ("train", "test"):
         cache = modelnet_cache_path(modelnet_path, num_category, split, n_points)
         splits[split] = load_cloud_cache(
-            require_file(cache, "a ModelNet .dat cache (prepare_data modelnet-cache)"), num_category, n_points
+            require_file(cache, "a ModelNet .dat cache (prepare_data modelnet-cache)"), num_category, n_points,
+            n_points=n_points,
         )
     by_class = {
         split: {c: np.flatnonzero(labels == c) for c in range(num_category)}
