@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import builtins
 import glob
-import io
 import logging
 import os
 import pickle
@@ -174,15 +173,16 @@ def _npy_overclaim(path: str) -> str | None:
                 return None
             shape, _, dtype = read(f)
             offset = f.tell()
-    except Exception:  # a damaged header: np.load says so
-        return None
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, MemoryError, OverflowError,
+            tokenize.TokenError):
+        return None  # a damaged header: np.load says so
     if dtype.hasobject:
         return None
     need, held = _claimed_bytes(shape, dtype), os.path.getsize(path) - offset
     if need <= held:
         return None
-    return (f"'{path}': its .npy header claims shape {tuple(shape)} of {dtype} ({human_size(need)} of data), but the "
-            f"file holds {human_size(held)} after the header ({held // max(dtype.itemsize, 1)} values)")
+    return (f"'{path}': its .npy header claims shape {tuple(shape)} of {dtype} ({human_size(need)} of data), "
+            f"but the file holds {human_size(held)} after the header ({held // max(dtype.itemsize, 1)} values)")
 
 
 def load_npy(path: str) -> np.ndarray:

@@ -125,7 +125,7 @@ def check_mesh_header(path: str) -> None:
     ext = os.path.splitext(path)[1].lower()
     with open(path, "rb") as f:
         head = f.read(1 << 16)
-    if ext == ".stl" and size >= 84 and not head[:5].lower() == b"solid":
+    if ext == ".stl" and size >= 84 and head[:5].lower() != b"solid":
         (triangles,) = np.frombuffer(head[80:84], "<u4")
         if 84 + 50 * int(triangles) > size:  # fewer (a zero count, trailing bytes) is what trimesh reads anyway
             raise DataError(

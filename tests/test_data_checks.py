@@ -79,7 +79,7 @@ def test_mesh_samples_are_unchanged_by_the_vertex_check(trimesh, tmp_path):
     path = tmp_path / "box.obj"
     trimesh.creation.box(extents=(1, 2, 3)).export(path)
     mesh = trimesh.load(path, force="mesh")
-    points, faces = trimesh.sample.sample_surface(mesh, 32, seed=item_rng(0, __import__("zlib").crc32(b"box")))
+    points, _ = trimesh.sample.sample_surface(mesh, 32, seed=item_rng(0, __import__("zlib").crc32(b"box")))
     np.testing.assert_array_equal(sample_mesh(str(path), 32, 0, "box")[:, :3], points.astype(np.float32))
 
 

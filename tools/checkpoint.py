@@ -16,7 +16,7 @@ import os
 import random
 import zipfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,8 @@ def _fallback_hint(path: Path) -> str:
         except (CheckpointError, TypeError, ValueError):
             continue
     if not intact:
-        return " No intact checkpoint is left beside it (ckpt-prev.pth, ckpt-epoch-*.pth, ckpt-best.pth); start again."
+        return (" No intact checkpoint is left beside it (ckpt-prev.pth, ckpt-epoch-*.pth, ckpt-best.pth); "
+                "start again.")
     epoch, other = max(intact, key=lambda c: c[0])
     return (f" {other} (epoch {epoch}) is intact: to resume from it, cp {other} {path} and run with --resume "
             f"again (it repeats epoch {epoch + 1}); elsewhere pass {other} as the checkpoint.")

@@ -2,8 +2,9 @@
 
 ``Trainer(cfg, model, train_set, run_dir, evaluators=...).fit()`` handles devices, precision, DDP
 (``torchrun``: gloo on CPU, NCCL on GPU), gradient accumulation and clipping, the per-iteration
-warm-up + cosine schedule, progress bars, TensorBoard, one JSON line of metrics per epoch, atomic
-checkpoints and exact resume. ``ckpt-last.pth`` is the epoch commit and carries the metric history;
+warm-up + cosine schedule, progress (a bar on a terminal, a few log lines otherwise:
+:mod:`tools.progress`), TensorBoard, one JSON line of metrics per epoch, atomic checkpoints and exact
+resume. ``ckpt-last.pth`` is the epoch commit and carries the metric history;
 ckpt-best.pth, metrics.jsonl and summary.json follow it and are repaired from it on resume
 (docs/RELIABILITY.md).
 
@@ -44,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from models.base import TrainHooks
 from tools import checkpoint as ckpt_io
 from tools.optim import build_optimizer, lr_at, set_lr
+from tools.progress import EpochProgress
 from utils import dist
 from utils.errors import CheckpointError, ConfigError
 from utils.io import atomic_write, remove_stale_temps
@@ -507,9 +509,8 @@ class Trainer:
         t0 = time.perf_counter()
         samples = 0
         bar = None
-        if self.is_main and self.cfg["log"]["progress_bar"]:
-            from tqdm import tqdm
-            bar = tqdm(total=n_iter, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        if self.is_main and self.cfg["log"]["progress_bar"]:  # a bar on a terminal, else a few log lines
+            bar = EpochProgress(n_iter, f"epoch {epoch}")
         opt.zero_grad(set_to_none=True)
         for it, batch in enumerate(self.loader):
             lr = lr_at(epoch + it / n_iter, self.base_lr, self.cfg["scheduler"])
@@ -552,9 +553,7 @@ class Trainer:
                 window = []
                 synced = True
             if bar is not None:
-                if synced:
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", lr=f"{lr:.2e}")
-                bar.update()
+                bar.update(**({"loss": f"{float(loss.detach()):.4g}", "lr": f"{lr:.2e}"} if synced else {}))
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - t0
