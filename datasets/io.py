@@ -398,8 +398,11 @@ _DTYPE_BAD_FLAGS = 0x01 | 0x02 | 0x04 | 0x20 | 0x40
 """numpy dtype flags of object-holding types (ITEM_REFCOUNT, LIST_PICKLE, ITEM_IS_POINTER, USE_GETITEM,
 USE_SETITEM); a dtype state that sets them would make numpy treat raw bytes as object pointers."""
 
-MAX_PICKLE_NODES_FLOOR = 100_000
-"""The unfolded object tree of a data pickle may have at most max(file size in bytes, this) nodes."""
+UNFOLDED_PER_FILE_BYTE = 16
+UNFOLDED_FLOOR = 8 << 20
+"""A data pickle's objects, with shared references unfolded (8 bytes per object plus the data of arrays,
+bytes and strings), may take at most max(UNFOLDED_PER_FILE_BYTE x file size, UNFOLDED_FLOOR) bytes: a tree
+without shared references takes at most about 9 bytes per byte of file."""
 
 MAX_PICKLE_DEPTH = 100
 """Containers in a data pickle may nest at most this deep (data caches nest three or four levels)."""
@@ -546,9 +549,9 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         kwargs = dict(kwargs or {})
         name = func.__qualname__ if isinstance(func, type) or callable(func) and hasattr(func, "__qualname__") \
             else f"a {type(func).__name__}"
-        if func in _PLAIN_TYPES:
+        if any(func is t for t in _PLAIN_TYPES):
             pass
-        elif func in (bytes, bytearray):
+        elif func is bytes or func is bytearray:
             for a in [*args, *kwargs.values()]:
                 if isinstance(a, int) and not isinstance(a, bool):
                     self._charge(a, f"{name}({a})")
@@ -666,32 +669,61 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
 
+def _children(node: Any) -> Sequence[Any] | None:
+    if isinstance(node, dict):
+        return [*node.keys(), *node.values()]
+    if isinstance(node, (list, tuple, set, frozenset)):
+        return list(node)
+    return None
+
+
+def _payload(node: Any) -> int:
+    if isinstance(node, np.ndarray):
+        return int(node.nbytes)
+    if isinstance(node, (bytes, bytearray, str)):
+        return len(node)
+    return 0
+
+
 def _check_unfolded_size(obj: Any, limit: int, source: str) -> None:
-    """Refuse a result whose object tree, with shared references unfolded, has more than ``limit`` nodes or
-    a cycle: a few bytes of BINGETs can make a nested list whose copy (``np.asarray``, ``repr``) is huge."""
-    count = 0
-    stack: list[tuple[Any, tuple[int, ...]]] = [(obj, ())]
+    """Refuse a result whose objects, with shared references unfolded, would take more than ``limit``
+    bytes, that nests deeper than :data:`MAX_PICKLE_DEPTH` or holds a cycle: a few bytes of BINGETs make a
+    nested list (or a list of one large array, repeated) whose copy by ``np.asarray`` or ``repr`` is huge.
+
+    Each distinct object is visited once (its unfolded size is memoised), so this takes time linear in
+    the file, however large the unfolded tree would be.
+    """
+    size: dict[int, int] = {}
+    active: set[int] = set()  # the containers on the path from the root to the current one
+    stack: list[tuple[Any, bool]] = [(obj, False)]
     while stack:
-        node, path = stack.pop()
-        count += 1
-        if count > limit:
-            raise DataError(
-                f"'{source}' is not a safe data pickle: its objects, with shared references unfolded, "
-                f"exceed {limit} nodes (the limit for a file of this size)"
-            )
-        if isinstance(node, dict):
-            children: Iterable[Any] = [*node.keys(), *node.values()]
-        elif isinstance(node, (list, tuple, set, frozenset)):
-            children = node
-        else:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            active.discard(key)
+            size[key] = 8 + sum(size[id(child)] for child in _children(node) or ())
+        elif key in size:
             continue
-        if id(node) in path:
+        elif key in active:
             raise DataError(f"'{source}' is not a safe data pickle: a container holds itself (a cycle)")
-        if len(path) >= MAX_PICKLE_DEPTH:
-            raise DataError(f"'{source}' is not a safe data pickle: containers nest deeper than "
-                            f"{MAX_PICKLE_DEPTH} levels")
-        inner = (*path, id(node))
-        stack.extend((child, inner) for child in children)
+        else:
+            children = _children(node)
+            if children is None:
+                size[key] = 8 + _payload(node)
+            else:
+                if len(active) >= MAX_PICKLE_DEPTH:
+                    raise DataError(f"'{source}' is not a safe data pickle: containers nest deeper than "
+                                    f"{MAX_PICKLE_DEPTH} levels")
+                active.add(key)
+                stack.append((node, True))
+                stack.extend((child, False) for child in children)
+                continue
+        if size[key] > limit:
+            raise DataError(
+                f"'{source}' is not a safe data pickle: its objects, with shared references unfolded, would "
+                f"take {human_size(size[key])}, more than the {human_size(limit)} allowed for a "
+                f"{human_size(os.path.getsize(source))} file"
+            )
 
 
 def safe_pickle_load(path: str) -> Any:
@@ -700,8 +732,9 @@ def safe_pickle_load(path: str) -> Any:
     Nothing named by the pickle outside that set is imported or called: a file that references any other
     global (``os.system``, ``builtins.eval``, ...) raises DataError naming the file and the global. The
     memory it may cost is bounded by the file: memo indices, claimed payload lengths and constructed sizes
-    beyond the file size, and object trees that unfold past max(file size, 100,000) nodes, are refused
-    before anything of that size is allocated (:class:`_RestrictedUnpickler`).
+    beyond the file size are refused before anything of that size is allocated
+    (:class:`_RestrictedUnpickler`), and so are results whose shared references would unfold past
+    max(16 x the file size, 8 MiB) (:func:`_check_unfolded_size`).
 
     Raises:
         DataError: the file is missing, empty, truncated or corrupt, references a refused global, or asks
@@ -737,7 +770,7 @@ def safe_pickle_load(path: str) -> Any:
                 raise DataError(
                     f"'{path}' is truncated or corrupt: cannot unpickle it ({type(exc).__name__}: {exc})"
                 ) from exc
-    _check_unfolded_size(obj, max(reader.size, MAX_PICKLE_NODES_FLOOR), path)
+    _check_unfolded_size(obj, max(UNFOLDED_PER_FILE_BYTE * reader.size, UNFOLDED_FLOOR), path)
     return obj
 
 
