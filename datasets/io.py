@@ -20,9 +20,9 @@ import os
 import pickle
 import struct
 import tokenize
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -443,6 +443,17 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
+def _callables() -> tuple[Any, Any, Any]:
+    import codecs
+
+    from numpy._core import multiarray, numeric
+
+    return codecs, multiarray, numeric
+
+
+_CALLABLES = _callables()
+
+
 class _BoundedReader:
     """``read`` / ``readline`` over a memory map that never allocate past the end of the file and raise on
     a short read (the pure-Python unpickler itself would accept a short read silently)."""
@@ -497,7 +508,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     Memo indices: below the file size (each memo entry costs at least one byte of the file).
     """
 
-    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
     def __init__(self, reader: _BoundedReader, source: str):
         super().__init__(reader, encoding="latin1")
@@ -522,10 +533,11 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     def persistent_load(self, pid: Any) -> Any:
         raise DataError(f"'{self._source}': refused persistent id {_short(pid)} in a data pickle")
 
-    def _charge(self, nbytes: int, what: str) -> None:
+    def _charge(self, nbytes: int, what: Callable[[], str]) -> None:
+        """Take ``nbytes`` from the budget; ``what()`` names the request in the error (formatted only then)."""
         if nbytes > self._budget:
             raise self._refuse(
-                f"{what} would allocate {nbytes} bytes, more than the {self._size}-byte file can hold"
+                f"{what()} would allocate {nbytes} bytes, more than the {self._size}-byte file can hold"
             )
         self._budget -= nbytes
 
@@ -539,9 +551,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     # ----------------------------------------------------------------------------- calls
     def _call(self, func: Any, args: Any, kwargs: Any = None, new: bool = False) -> Any:
         """``func(*args, **kwargs)`` (or ``func.__new__(func, *args)``) after the checks of the class doc."""
-        import codecs
-
-        from numpy._core import multiarray, numeric
+        codecs, multiarray, numeric = _CALLABLES
 
         args = tuple(args) if isinstance(args, (tuple, list)) else args
         if not isinstance(args, tuple) or not isinstance(kwargs or {}, dict):
@@ -554,7 +564,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         elif func is bytes or func is bytearray:
             for a in [*args, *kwargs.values()]:
                 if isinstance(a, int) and not isinstance(a, bool):
-                    self._charge(a, f"{name}({a})")
+                    self._charge(a, lambda a=a: f"{name}({a})")
         elif func is str or func is codecs.encode:
             if any(not isinstance(a, (str, bytes, bytearray)) for a in [*args, *kwargs.values()]):
                 kinds = ", ".join(type(a).__name__ for a in args)
@@ -571,7 +581,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         elif func is multiarray._reconstruct and not new:
             if len(args) != 3 or args[0] is not np.ndarray:
                 raise self._refuse(f"numpy _reconstruct{_short(args)}; only plain ndarrays are allowed")
-            self._charge(_nbytes(args[1], args[2], self._source), f"numpy array of shape {_short(args[1])}")
+            self._charge(_nbytes(args[1], args[2], self._source), lambda: f"numpy array of shape {_short(args[1])}")
         elif func is multiarray.scalar and not new:
             if not args or not isinstance(args[0], np.dtype) or args[0].hasobject:
                 raise self._refuse("numpy scalar of a non-plain dtype")
