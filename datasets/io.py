@@ -482,7 +482,7 @@ def _short(obj: Any) -> str:
     import reprlib
 
     short = reprlib.Repr()
-    short.maxlevel, short.maxstring, short.maxother = 3, 40, 40
+    short.maxlevel, short.maxstring, short.maxother, short.maxtuple = 3, 40, 40, 10
     return short.repr(obj)
 
 
@@ -574,7 +574,9 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         elif func is np.dtype:
             if not args or not isinstance(args[0], str):
                 raise self._refuse(f"numpy.dtype({_short(args[:1])}); only a type string is allowed")
-            result = np.dtype.__new__(np.dtype, *args, **kwargs) if new else np.dtype(*args, **kwargs)
+            # Always a fresh instance (copy=True, as numpy's own pickles ask): a BUILD on a shared builtin
+            # dtype would change it for the whole process.
+            result = np.dtype(args[0], bool(args[1]) if len(args) > 1 else False, True)
             if result.hasobject or result.fields is not None or result.subdtype is not None:
                 raise self._refuse(f"numpy dtype {_short(args[0])}; only plain numeric, bool, bytes and str dtypes")
             return result
@@ -646,10 +648,13 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
                                f"data, the pickle holds {len(data)}")
 
     def _check_dtype_state(self, inst: np.dtype, state: Any) -> None:
-        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[2:5] == (None, None, None)
-                and isinstance(state[7], int) and not state[7] & _DTYPE_BAD_FLAGS):
-            raise self._refuse(f"numpy dtype state {_short(state)}; only plain dtypes (no fields, sub-arrays or "
-                               "object flags) are allowed")
+        """A dtype state may change only the byte order: any other field (item size, alignment, flags,
+        fields) would make numpy read an array's bytes past their end or as object pointers."""
+        own = inst.__reduce__()[2]
+        if not (isinstance(state, tuple) and len(state) == len(own) and state[1] in ("<", ">", "|", "=")
+                and state[:1] + state[2:] == own[:1] + own[2:]):
+            raise self._refuse(f"numpy dtype state {_short(state)}; for {inst.str} only {_short(own)} with "
+                               "another byte order is allowed")
 
     # ----------------------------------------------------------------------------- memo and payloads
     def load_put(self) -> None:
