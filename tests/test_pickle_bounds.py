@@ -78,8 +78,8 @@ def hostile_files() -> dict[str, tuple[bytes, str]]:
         "binbytes8_claim": (b"\x80\x04\x8e" + struct.pack("<Q", 50 * GIB) + b"ab.",
                             r"asks for 53687091200 bytes"),
         "frame_claim": (b"\x80\x04\x95" + struct.pack("<Q", 50 * GIB) + b"N.", r"asks for 53687091200 bytes"),
-        "alias_bomb": (_alias_bomb(), r"with shared references unfolded, would take 136\.3 MB, more than the 8\.4 MB "
-                                      r"allowed for a 684 bytes file"),
+        "alias_bomb": (_alias_bomb(), (r"with shared references unfolded, would take 136\.3 MB, more than the "
+                                       r"8\.4 MB allowed for a 684 bytes file")),
         "repeated_array": (pickle.dumps([np.zeros(1024, np.float32)] * 3000, protocol=4),
                            r"would take 12\.3 MB, more than the 8\.4 MB allowed for a 10\.3 KB file"),
         "repr_bomb": (_alias_bomb()[:-1].replace(b"\x80\x02", b"\x80\x02c__builtin__\nstr\n", 1) + b"\x85R.",
