@@ -169,3 +169,20 @@ def test_mesh_caches_from_prepare_data_are_found_and_used_by_data(trimesh, tmp_p
     assert len(ds) == 4 and tuple(ds[0]["points"].shape) == (32, 3) and "stale" not in caplog.text
     other = detect_data(str(root), 128)  # another count: built on first use, with the defaults
     assert other.section["RAW_POINTS"] == 10000 and "sampled into" in other.detail
+
+
+def test_a_fewshot_episode_of_mixed_sizes_is_refused_unless_npoints_takes_a_prefix(tmp_path):
+    from datasets.build import DATASETS
+
+    rng = np.random.default_rng(0)
+    episode = {s: [(rng.standard_normal((32 if k != 3 else 40, 6)).astype(np.float32), k % 2, 10 + k % 2)
+                   for k in range(4)] for s in ("train", "test")}
+    folder = tmp_path / "2way2shot"
+    folder.mkdir()
+    (folder / "0.pkl").write_bytes(pickle.dumps(episode))
+    make = DATASETS.get("ModelNetFewShot")
+    with pytest.raises(DataError, match=r"0\.pkl': train\[3\] has 40 points but N_POINTS is 32 \(clouds by point "
+                                        r"count: 3 with 32, 1 with 40\); set N_POINTS"):
+        make(data_path=str(tmp_path), n_points=32, way=2, shot=2, fold=0)
+    ds = make(data_path=str(tmp_path), n_points=32, way=2, shot=2, fold=0, npoints=32)
+    assert len(ds) == 4 and tuple(ds[3]["points"].shape) == (32, 3)
