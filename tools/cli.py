@@ -34,8 +34,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "layout is detected and printed, and the run's data sections are built from it "
                         "(same as the override dataset.root=PATH)")
     p.add_argument("--data-points", type=int, default=None, metavar="N",
-                   help="with --data: points per cached shape of a mesh folder (default 2048) or of a new "
-                        "ModelNet cache (default: the raw files' size, at most 8192)")
+                   help="with --data: points per cached shape of a mesh folder (default: its largest existing "
+                        "cache, else 2048) or of a new ModelNet cache (default: the raw files' size, at most 8192)")
 
 
 def add_init_args(p: argparse.ArgumentParser, model: str, test_help: str) -> None:
