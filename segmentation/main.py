@@ -14,10 +14,7 @@ best epoch is selected on ``eval.best_metric`` (instance mIoU on the test split,
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.py)
     from utils.omp import apply_wait_policy
 

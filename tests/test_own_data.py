@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [f"shape{c:02d}" for c in range(11)]
 PER_SPLIT = 3
@@ -63,7 +65,7 @@ FT = ["max_epoch=1", "scheduler.kwargs.epochs=1", "scheduler.kwargs.initial_epoc
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
