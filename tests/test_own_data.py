@@ -85,7 +85,7 @@ def test_linear_svm_on_own_folder(folders, kind, tmp_path):
     layout = "ModelNet text" if kind == "modelnet" else "mesh folder"
     assert f"data: {layout} layout at {folders[kind]}" in out and "11 classes, 128 points per cloud" in out
     assert "train 33 / test 33" in out and "n=33 test items, 95 % interval" in out
-    assert "repeat 0 (seed 0):" in out and "repeat 1 (seed 0):" in out
+    assert "repeat 0 (seed 0):" in out and "repeat 1 (seed 1):" in out  # repeat r uses seed --seed + r
     assert "re-sampled x2: " in out and "over 2 repeats (std ddof=1), 95 % interval" in out
     assert "pooled 3-fold over train + test:" in out and "/ 66 correct" in out
 
