@@ -210,8 +210,8 @@ def test_svm_cross_validation_with_two_shapes_per_class_says_the_minimum():
 
 
 def test_warm_start_is_not_labelled_randomly_initialised(tmp_path, capsys):
-    summary = {"init": {"init/svm_acc": 50.0}, "start_ckpts": "a/pretrain.pth"}
-    runs._report(summary, tmp_path)
+    summary = {"init": {"init/svm_acc": 50.0}}
+    runs._report(summary, tmp_path, start_ckpts="a/pretrain.pth")
     out = capsys.readouterr().out
     assert "linear SVM, starting encoder (--start_ckpts a/pretrain.pth): 50.00 %" in out
     assert "random" not in out

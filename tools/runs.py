@@ -344,25 +344,24 @@ def run_pretrain(config: str, opts: list[str], *, exp_name: str = "default", run
     trainer = Trainer(cfg, model, train_set, out, evaluators=evaluators, transform=build_transform(cfg),
                       resume=resume, device=device, stop_after_epoch=stop_after_epoch)
     summary = trainer.fit()
-    summary["start_ckpts"] = start_ckpts
-    summary["resumed"] = bool(resume)
     if cfg.eval.svm_every > 0:
         summary["svm_test_count"] = len(svm_test)
     if dist.is_main_process():
-        _report(summary, out)
+        _report(summary, out, start_ckpts=start_ckpts, resumed=resume)
     dist.cleanup()
     return summary
 
 
-def _report(summary: dict[str, Any], out: Path) -> None:
+def _report(summary: dict[str, Any], out: Path, *, start_ckpts: str | None = None, resumed: bool = False) -> None:
+    """Write ``summary.json`` and print the SVM lines; the epoch -1 line names the encoder it measured (a
+    ``--start_ckpts`` file, or, on a resumed run, which cannot tell, the encoder before training)."""
     from tools.stats import format_accuracy
 
     lines = [f"run folder: {out}"]
     init = summary.get("init") or {}
     if "init/svm_acc" in init:
-        start = summary.get("start_ckpts")
-        what = (f"starting encoder (--start_ckpts {start})" if start else
-                "encoder before training (epoch -1)" if summary.get("resumed") else "randomly initialised encoder")
+        what = (f"starting encoder (--start_ckpts {start_ckpts})" if start_ckpts else
+                "encoder before training (epoch -1)" if resumed else "randomly initialised encoder")
         lines.append(f"linear SVM, {what}: {init['init/svm_acc']:.2f} %")
     n_test = summary.get("svm_test_count")
     if summary.get("last_value") is not None:
