@@ -173,7 +173,8 @@ def tiny_overrides(cfg) -> list[str]:
                 out.append(f"dataset.{name}.samples_per_class={TINY_TRAIN}")
             else:
                 out.append(f"dataset.{name}.test_per_class={TINY_TEST}")
-    out.append(f"total_bs={min(int(cfg['total_bs']), 8)}")
+    # a few-shot fold trains on way x shot = 4 shapes: no batch may be larger
+    out.append(f"total_bs={min(int(cfg['total_bs']), 4 if isinstance(cfg.get('finetune'), dict) else 8)}")
     for key in ("eval.svm_every", "vis.gc_every", "vis.probe_every", "save_every", "finetune.eval_every"):
         head, _, leaf = key.partition(".")
         node = cfg.get(head) if leaf else cfg
@@ -318,7 +319,7 @@ def test_every_documented_command_runs_in_order_without_collisions(tmp_path):
         if p.returncode != 0:
             what = "refused: its run folder already holds a run" if REFUSAL.search(p.stderr) else "failed"
             problems.append(f"{c.page}:{c.line}: `{c.text}` {what} (exit {p.returncode}; run with "
-                            f"{' '.join(c.extra)}):\n{p.stderr[-1500:]}")
+                            f"{' '.join(c.extra)}):\n{(p.stdout + p.stderr)[-1500:]}")
     status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
                             check=True, timeout=60).stdout
     if status.strip():
