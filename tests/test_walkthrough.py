@@ -130,6 +130,22 @@ def parse_commands(pages: list[tuple[str, str]]) -> list[Command]:
     return cmds
 
 
+def inline_commands(pages: list[tuple[str, str]]) -> list[Command]:
+    """```python ...``` commands written as inline code (tables, prose) outside fenced blocks: they are
+    summaries (placeholders, ``...``), so they are only checked, as --help, never run."""
+    cmds = []
+    for page, text in pages:
+        bare = _FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), re.sub(r"<!--.*?-->", "", text, flags=re.S))
+        for m in re.finditer(r"`(python3? [^`\n]+\.py[^`\n]*)`", bare):
+            try:
+                argv = shlex.split(m.group(1))
+            except ValueError:
+                continue
+            cmds.append(Command(page, bare.count("\n", 0, m.start()) + 1, m.group(1), argv, mode="help",
+                                why="inline code"))
+    return cmds
+
+
 # ------------------------------------------------------------------------------------------ planning
 
 def _entry_of(argv: list[str]) -> tuple[str, list[str]] | None:
@@ -286,11 +302,19 @@ def run_help(root: Path, script: str, sub: list[str]) -> str:
 def test_every_documented_command_runs_in_order_without_collisions(tmp_path):
     root = tmp_path / "repo"
     root.mkdir()
+    problems_early: list[str] = []
     copy_tree(root)
     pages = [(p, (root / p).read_text(encoding="utf-8")) for p in doc_pages(root)]
     sys.path.insert(0, str(root))
     try:
         cmds = [plan(c, root) for c in parse_commands(pages)]
+        for c in inline_commands(pages):
+            found = _entry_of(c.argv)
+            if found and (root / found[0]).is_file():
+                c.entry = found[0]
+                cmds.append(c)
+            elif found:
+                problems_early.append(f"{c.page}:{c.line}: `{c.text}`: {found[0]} does not exist")
     finally:
         sys.path.remove(str(root))
     assert sum(c.mode == "run" for c in cmds) >= 8, [c.text for c in cmds if c.mode == "run"]
@@ -298,10 +322,15 @@ def test_every_documented_command_runs_in_order_without_collisions(tmp_path):
     helps = sorted({(c.entry, tuple(_subcommand(_entry_of(c.argv)[1]))) for c in cmds if c.mode == "help"})
     with ThreadPoolExecutor(max_workers=2) as pool:
         texts = dict(zip(helps, pool.map(lambda h: run_help(root, h[0], list(h[1])), helps)))
-    problems = []
+    problems = problems_early
     for c in cmds:
         if c.mode != "help":
             continue
+        for a in _entry_of(c.argv)[1]:
+            path = a.split("=", 1)[-1]
+            if path.startswith("cfgs/") and not _PLACEHOLDER.search(path) and not (root / path).is_file() \
+                    and path not in AWAITED_CONFIGS:
+                problems.append(f"{c.page}:{c.line}: `{c.text}`: {path} does not exist")
         text = texts[(c.entry, tuple(_subcommand(_entry_of(c.argv)[1])))]
         for a in _entry_of(c.argv)[1]:
             flag = a.strip("[]").split("=")[0]
@@ -388,3 +417,11 @@ def test_awaited_configs_are_still_missing():
     present = sorted(c for c in AWAITED_CONFIGS if (ROOT / c).is_file())
     assert not present, (f"{present} exist now: remove them from AWAITED_CONFIGS in "
                          f"tests/test_walkthrough.py so that the walkthrough runs their commands")
+
+
+def test_inline_commands_are_found_outside_fences_and_comments():
+    text = ("| row | `python main_finetune.py --config cfgs/finetune/modelnet40.yaml --finetune CKPT` |\n"
+            "```bash\npython main_pretrain.py --config x.yaml\n```\n"
+            "<!-- `python tools/eval_svm.py --config y.yaml` -->\n`python -m pytest -q`\n")
+    cmds = inline_commands([("P.md", text)])
+    assert [(c.line, c.argv[1], c.mode) for c in cmds] == [(1, "main_finetune.py", "help")]
