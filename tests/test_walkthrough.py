@@ -298,13 +298,9 @@ def run_help(root: Path, script: str, sub: list[str]) -> str:
     return p.stdout
 
 
-@pytest.mark.slow
-def test_every_documented_command_runs_in_order_without_collisions(tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
-    problems_early: list[str] = []
-    copy_tree(root)
-    pages = [(p, (root / p).read_text(encoding="utf-8")) for p in doc_pages(root)]
+def walk(root: Path, pages: list[tuple[str, str]], min_runs: int = 0) -> tuple[list[str], list]:
+    """Run the commands of ``pages`` in the copy at ``root``: (problems found, [(seconds, command)])."""
+    problems: list[str] = []
     sys.path.insert(0, str(root))
     try:
         cmds = [plan(c, root) for c in parse_commands(pages)]
@@ -314,15 +310,14 @@ def test_every_documented_command_runs_in_order_without_collisions(tmp_path):
                 c.entry = found[0]
                 cmds.append(c)
             elif found:
-                problems_early.append(f"{c.page}:{c.line}: `{c.text}`: {found[0]} does not exist")
+                problems.append(f"{c.page}:{c.line}: `{c.text}`: {found[0]} does not exist")
     finally:
         sys.path.remove(str(root))
-    assert sum(c.mode == "run" for c in cmds) >= 8, [c.text for c in cmds if c.mode == "run"]
+    assert sum(c.mode == "run" for c in cmds) >= min_runs, [c.text for c in cmds if c.mode == "run"]
 
     helps = sorted({(c.entry, tuple(_subcommand(_entry_of(c.argv)[1]))) for c in cmds if c.mode == "help"})
     with ThreadPoolExecutor(max_workers=2) as pool:
         texts = dict(zip(helps, pool.map(lambda h: run_help(root, h[0], list(h[1])), helps)))
-    problems = problems_early
     for c in cmds:
         if c.mode != "help":
             continue
@@ -344,7 +339,7 @@ def test_every_documented_command_runs_in_order_without_collisions(tmp_path):
         t0 = time.perf_counter()
         p = subprocess.run(c.argv + c.extra, cwd=root, env=_env(root), capture_output=True, text=True,
                            timeout=600)
-        timings.append((time.perf_counter() - t0, c.text))
+        timings.append((round(time.perf_counter() - t0, 1), c.text))
         if p.returncode != 0:
             what = "refused: its run folder already holds a run" if REFUSAL.search(p.stderr) else "failed"
             problems.append(f"{c.page}:{c.line}: `{c.text}` {what} (exit {p.returncode}; run with "
@@ -353,7 +348,34 @@ def test_every_documented_command_runs_in_order_without_collisions(tmp_path):
                             check=True, timeout=60).stdout
     if status.strip():
         problems.append("documented commands changed tracked files or left untracked ones:\n" + status)
+    return problems, timings
+
+
+@pytest.mark.slow
+def test_every_documented_command_runs_in_order_without_collisions(tmp_path):
+    root = tmp_path / "repo"
+    root.mkdir()
+    copy_tree(root)
+    pages = [(p, (root / p).read_text(encoding="utf-8")) for p in doc_pages(root)]
+    problems, timings = walk(root, pages, min_runs=8)
+    print("slowest commands (s):", sorted(timings, reverse=True)[:6])
     assert not problems, "\n\n".join(problems)
+
+
+@pytest.mark.slow
+def test_the_walk_reports_a_refused_repeat_and_an_overwritten_tracked_file(tmp_path):
+    root = tmp_path / "repo"
+    root.mkdir()
+    copy_tree(root)
+    page = ("```bash\n"
+            "python main_pretrain.py --config cfgs/pretrain/quickstart.yaml\n"
+            "python main_pretrain.py --config cfgs/pretrain/quickstart.yaml\n"
+            "python tools/visualize.py curves --run experiments/quickstart/default -o docs/figures/curves.png\n"
+            "```\n")
+    problems, _ = walk(root, [("BAD.md", page)])
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("BAD.md:3:") and "refused: its run folder already holds a run" in problems[0]
+    assert "changed tracked files" in problems[1] and "docs/figures/curves.png" in problems[1]
 
 
 # ------------------------------------------------------------------------------------------ unit tests
