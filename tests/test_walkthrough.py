@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # plus arguments appended. Entry points not listed here (bench/, tools/prepare_data.py, ...) run as --help.
 ENTRY_POINTS: dict[str, dict] = {
     "main_pretrain.py": {"config": True},
-    "main_finetune.py": {"config": True, "flags": {"--way": "2", "--shot": "2"}},
-    "segmentation/main.py": {"config": True},
+    "main_finetune.py": {"config": True, "downstream": True, "flags": {"--way": "2", "--shot": "2"}},
+    "segmentation/main.py": {"config": True, "downstream": True},
     "tools/eval_svm.py": {"config": True, "flags": {"--repeats": "2", "--kfold": "2"}},
     "tools/gc_probe.py": {"append": ["--limit", "4"]},
     "tools/visualize.py": {},
@@ -176,10 +176,11 @@ def _overrides_in(args: list[str]) -> list[str]:
     return [a for a in args if re.fullmatch(r"[A-Za-z_][\w.]*=.*", a)]
 
 
-def tiny_overrides(cfg) -> list[str]:
+def tiny_overrides(cfg, downstream: bool = False) -> list[str]:
     """Overrides that shrink a run of ``cfg`` (a resolved config) to seconds, from the keys it has: one
     epoch, ``TINY_TRAIN`` / ``TINY_TEST`` shapes per class of every SyntheticShapes section, every
-    periodic evaluation at that epoch, one few-shot fold with one query shape, two votes."""
+    periodic evaluation at that epoch; for a ``downstream`` entry point (fine-tuning, segmentation) also
+    one 2-way 2-shot few-shot fold with one query shape and two votes."""
     out = ["max_epoch=1", "threads=1", "log.progress_bar=false"]
     if cfg.get("scheduler") and "epochs" in (cfg["scheduler"].get("kwargs") or {}):
         out += ["scheduler.kwargs.epochs=1", "scheduler.kwargs.initial_epochs=0"]
@@ -190,14 +191,14 @@ def tiny_overrides(cfg) -> list[str]:
             else:
                 out.append(f"dataset.{name}.test_per_class={TINY_TEST}")
     # a few-shot fold trains on way x shot = 4 shapes: no batch may be larger
-    out.append(f"total_bs={min(int(cfg['total_bs']), 4 if isinstance(cfg.get('finetune'), dict) else 8)}")
+    out.append(f"total_bs={min(int(cfg['total_bs']), 4 if downstream else 8)}")
     for key in ("eval.svm_every", "vis.gc_every", "vis.probe_every", "save_every", "finetune.eval_every"):
         head, _, leaf = key.partition(".")
         node = cfg.get(head) if leaf else cfg
         value = (node or {}).get(leaf or head) if isinstance(node, dict) else None
         if isinstance(value, int) and value > 1:
             out.append(f"{key}=1")
-    if isinstance(cfg.get("finetune"), dict):
+    if downstream:
         out += ["finetune.votes=2", "finetune.fewshot.folds=1", "finetune.fewshot.query=1",
                 "finetune.fewshot.ways=[2]", "finetune.fewshot.shots=[2]"]
     if isinstance(cfg.get("vis"), dict) and cfg["vis"].get("probe_every"):
@@ -258,7 +259,7 @@ def plan(cmd: Command, root: Path) -> Command:
         if not synthetic_only(cfg):
             cmd.mode, cmd.why = "help", "needs the official data sets"
             return cmd
-        extra = tiny_overrides(cfg) + extra
+        extra = tiny_overrides(cfg, spec.get("downstream", False)) + extra
     new_args = list(args)
     for flag, value in spec.get("flags", {}).items():
         for i, a in enumerate(new_args[:-1]):
@@ -422,7 +423,7 @@ def test_tiny_overrides_are_accepted_by_the_config_they_shrink():
     for name in ("cfgs/pretrain/quickstart.yaml", "cfgs/pretrain/gm3d_quickstart.yaml",
                  "cfgs/finetune/quickstart_fewshot.yaml", "cfgs/segmentation/quickstart_seg.yaml"):
         cfg = load_config(ROOT / name)
-        small = load_config(ROOT / name, tiny_overrides(cfg))
+        small = load_config(ROOT / name, tiny_overrides(cfg, downstream="pretrain" not in name))
         assert small["max_epoch"] == 1, name
         for section in small["dataset"].values():
             if isinstance(section, dict) and section.get("NAME") == "SyntheticShapes":
