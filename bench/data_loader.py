@@ -30,8 +30,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.pretrain_step import machine  # noqa: E402
 from datasets import DATASETS  # noqa: E402
 from datasets.shapenet55 import pack_shapenet  # noqa: E402

@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GM3D = ["model.NAME=Point_MAE_GM3D", "model.transformer_config.mask_type=gm3d", "model.gm3d.gc_decoder_depth=2",
         "model.gm3d.variant=C"]

@@ -55,11 +55,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import flop_counter
 
 from datasets.transforms import ScaleAndTranslate, pc_norm
 from extensions import Patches, fps, gather
@@ -327,6 +326,65 @@ class Step:
         return sum(t.nbytes for t in tensors if t.device.type == "cuda")
 
 
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that
+# scaled_dot_product_attention dispatches to on CPU; without these two the attention would count zero.
+EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` as ``torch.utils.flop_counter.FlopCounterMode`` counts them: matmuls,
+    convolutions and attention, forward and backward (elementwise ops, norms and reductions are not
+    counted, as in the usual model-FLOPs convention)."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def step_flops(step: "Step") -> int:
+    """FLOPs of one training step of ``step`` (its compiled forward, if any, counted through the eager
+    module: the same arithmetic, which the counter cannot see inside a compiled graph)."""
+    forward, step.forward = step.forward, step.model
+    try:
+        return count_flops(step)
+    finally:
+        step.forward = forward
+
+
+PEAK_SHAPES = {"2048^3": (2048, 2048, 2048), "2048x384x1152": (2048, 384, 1152)}  # square; transformer qkv
+
+
+class MatmulPeak:
+    """One ``m x k @ k x n`` matmul in the row's compute dtype, timed round-robin with the rows so that
+    the load of a shared machine weighs on the peak as on the steps. Its rate is the machine's own
+    matmul peak for that precision, threads and moment."""
+
+    def __init__(self, shape: tuple[int, int, int], precision: str, device: torch.device):
+        m, k, n = shape
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(m, k, generator=g).to(device, dtype)
+        self.b = torch.randn(k, n, generator=g).to(device, dtype)
+        self.flops = 4 * 2 * m * k * n
+        self.device, self.peak, self.warmup_s = device, 0, 0.0
+
+    def __call__(self, sync: bool = True) -> float:
+        for _ in range(4):  # a few back to back, so one call is not dominated by timer and launch overhead
+            torch.mm(self.a, self.b)
+        synchronize(self.device)
+        return 0.0
+
+
 def time_steps(steps: dict, warmup: int, repeats: int, pipelined: bool = False) -> dict:
     """Warm every step up, then time them round-robin ``repeats`` times; seconds per step.
 
@@ -425,6 +483,10 @@ def write_teacher(cfg, path: str) -> None:
         m["transformer_config"] = dict(m["transformer_config"], mask_type="rand")
     torch.manual_seed(0)
     ckpt_io.atomic_save({"base_model": build_model(m).state_dict()}, path)
+
+
+def fmt_gflop(x: float) -> str:
+    return f"{x:,.1f}" if x < 100 else f"{x:,.0f}"
 
 
 def fmt_ms(s: float) -> str:
@@ -548,8 +610,14 @@ def time_group(args, cfgs, teachers, precision: str, batch_size: int | None, dev
             steps[(name, "official", "eager")] = Step(officialize(build(name, cfg, teacher)), cfg, points,
                                                       precision, device, official_scale_translate, epoch,
                                                       optimizer_impl="default")
+    flops = {key: step_flops(step) for key, step in steps.items()}  # one extra, untimed step per row
+    for label, shape in PEAK_SHAPES.items():
+        steps[("peak", label, "eager")] = MatmulPeak(shape, precision, device)
     t0 = time.perf_counter()
     times = time_steps(steps, warmup, repeats, pipelined=args.pipelined)
+    peak_gflops = {key[1]: steps[key].flops / statistics.median(times.pop(key)) / 1e9
+                   for key in [k for k in times if k[0] == "peak"]}
+    peak = max(peak_gflops.values())
     peaks = {k: step.peak for k, step in steps.items()}
     warm = {k: step.warmup_s for k, step in steps.items()}
     del steps
@@ -565,13 +633,19 @@ def time_group(args, cfgs, teachers, precision: str, batch_size: int | None, dev
         batch, npoints = shapes[name]
         plain = med.get(("m2ae" if name.startswith("m2ae") else "paper", impl, mode))
         sps = batch / med[key]
-        rows.append({"config": name, "impl": impl, "mode": mode, "precision": precision, "batch": batch,
+        achieved = flops[key[:3]] / med[key] / 1e9
+        rows.append({"gflop": flops[key[:3]] / 1e9, "gflops_per_s": achieved, "peak_gflops": peak,
+                     "peak_by_shape": peak_gflops, "share": achieved / peak,
+                     "config": name, "impl": impl, "mode": mode, "precision": precision, "batch": batch,
                      "npoints": npoints, "median": med[key], "min": min(ts), "max": max(ts),
                      "peak": peaks[key[:3]], "samples_per_s": sps, "warmup_s": warm[key[:3]],
                      "speedup": base / med[key] if base else None,
                      "ratio": med[key] / plain if name in GM3D_CONFIGS and plain and len(key) == 3 else None,
                      "projected_h": RECIPE_EPOCHS[name] * SHAPENET55_TRAIN / sps / 3600
                      if name in RECIPE_EPOCHS else None})
+    print(f"  .. {precision} matmul peak, in the same round-robin: "
+          + ", ".join(f"{label} {v:,.0f} GFLOP/s" for label, v in peak_gflops.items()),
+          file=sys.stderr, flush=True)
     print(f"  .. {precision}, batch {batch_size or 'default'} ({time.perf_counter() - t0:.0f} s): "
           + ", ".join(f"{'/'.join(k)} {fmt_ms(v)} ms" for k, v in med.items()),
           file=sys.stderr, flush=True)
@@ -586,8 +660,9 @@ def format_table(rows: list[dict], threads, cuda: bool) -> str:
     out = ["| config | step | precision | mode | threads | batch x points | median ms | min-max ms "
            "| samples/s "
            + ("| peak GiB " if cuda else "")
+           + "| GFLOP / step | GFLOP/s | share of matmul peak (peak GFLOP/s) "
            + "| speed-up vs official | GM3D / its backbone | projected paper recipe |",
-           "|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "") + "---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "") + "---|---|---|---|---|---|"]
     for r in rows:
         impl = "project" if r["impl"] == "ours" else "official formulation"
         speed = f"**{r['speedup']:.2f}x**" if r["impl"] == "ours" and r["speedup"] else \
@@ -599,7 +674,9 @@ def format_table(rows: list[dict], threads, cuda: bool) -> str:
         out.append(f"| {r['config']} | {LABELS[r['config']]}, {impl} | {prec} | {r['mode']} | {threads} "
                    f"| {r['batch']} x {r['npoints']} | {fmt_ms(r['median'])} "
                    f"| {fmt_ms(r['min'])}-{fmt_ms(r['max'])} "
-                   f"| {r['samples_per_s']:.1f} {peak}| {speed} | {ratio} | {proj} |")
+                   f"| {r['samples_per_s']:.1f} {peak}| {fmt_gflop(r['gflop'])} | {fmt_gflop(r['gflops_per_s'])} "
+                   f"| {100 * r['share']:.0f} % ({r['peak_gflops']:,.0f}) "
+                   f"| {speed} | {ratio} | {proj} |")
     return "\n".join(out)
 
 

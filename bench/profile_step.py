@@ -1,10 +1,10 @@
 """Where the time of one GM3D pre-training step goes: inclusive timers around its pieces.
 
     python bench/profile_step.py [--formulation project|official] [--embed-visible-only]
-                                 [--batch 32] [--threads T] [--repeats 2] [--ops]
+                                 [--batch 32] [--threads T] [--repeats 2] [--precision fp32|bf16] [--ops]
 
 The step is :class:`bench.pretrain_step.Step` on cfgs/pretrain/point_mae_gm3d.yaml (variant C, 12-block
-GC decoder) at epoch 200 of 400, fp32, with the official semantics (every patch embedded) unless
+GC decoder) at epoch 200 of 400, fp32 (or bf16 autocast with ``--precision bf16``), with the official semantics (every patch embedded) unless
 ``--embed-visible-only``; ``--formulation official`` times the bench's official-formulation baseline.
 Each piece is timed inclusively (an indented row is part of the unindented row above it); the share
 is of the median step; what no row names (masking, losses, zero_grad, the augmentation) is the rest. ``--ops`` adds torch.profiler's table of the most expensive ops of one more step.
@@ -19,9 +19,6 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -49,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     ap.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up step")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: under bf16 autocast")
     ap.add_argument("--ops", action="store_true", help="also print torch.profiler's op table")
     args = ap.parse_args(argv)
     if args.threads:
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.embed_visible_only:
         bench.embed_all(model)
     points = bench.make_points(args.batch, int(cfg["npoints"]), device)
-    step = bench.Step(model, cfg, points, "fp32", device,
+    step = bench.Step(model, cfg, points, args.precision, device,
                       bench.official_scale_translate if official else ScaleAndTranslate(), bench.GM3D_EPOCH,
                       optimizer_impl="default" if official else "auto")
 
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     med = statistics.median(totals)
     sem = "embed visible only" if args.embed_visible_only and not official else "official semantics"
     print(f"{args.formulation} formulation, {sem}; batch {args.batch} x {cfg['npoints']}, "
-          f"{torch.get_num_threads()} threads, fp32; step median {med * 1e3:,.0f} ms of {args.repeats} "
+          f"{torch.get_num_threads()} threads, {args.precision}; step median {med * 1e3:,.0f} ms of {args.repeats} "
           f"(range {min(totals) * 1e3:,.0f}-{max(totals) * 1e3:,.0f}); 1-min load {os.getloadavg()[0]:.1f}")
     print("\n| piece | ms per step | share of the step |\n|---|---|---|")
     order = [label for _, _, label in pieces[:13]] + ["backward"] + [label for _, _, label in pieces[13:]]

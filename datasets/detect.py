@@ -69,8 +69,10 @@ def detect_data(path: str, mesh_points: int | None = None) -> DetectedData:
 
     Args:
         path: the folder.
-        mesh_points: points per cached shape for a mesh folder (``N_POINTS``; default 2048), or the upper
-            bound for a ModelNet folder without caches (default 8192, capped at the raw files' size).
+        mesh_points: points per cached shape for a mesh folder (``N_POINTS``; default: the largest
+            count of the caches already in the folder, with the settings in their side files, else 2048),
+            or the upper bound for a ModelNet folder without caches (default 8192, capped at the raw
+            files' size).
     """
     root = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(root):
@@ -144,7 +146,7 @@ def _shapenet(root: str, mesh_points: int | None) -> DetectedData | None:
 
 
 def _mesh_folder(root: str, mesh_points: int | None) -> DetectedData | None:
-    from datasets.mesh_folder import MESH_EXTENSIONS, scan_mesh_folder
+    from datasets.mesh_folder import MESH_EXTENSIONS, mesh_caches, scan_mesh_folder
 
     def has_meshes(folder: str) -> bool:
         return os.path.isdir(folder) and any(f.lower().endswith(MESH_EXTENSIONS) for f in os.listdir(folder))
@@ -153,14 +155,20 @@ def _mesh_folder(root: str, mesh_points: int | None) -> DetectedData | None:
     if not subdirs or not any(has_meshes(os.path.join(root, d)) or has_meshes(os.path.join(root, d, "train"))
                               for d in subdirs):
         return None
-    classes, subsets = scan_mesh_folder(root, 0.2, 0)
+    # Existing caches (e.g. from prepare_data.py mesh-folder --n-points N) are used with the settings they
+    # were built with: the largest N when --data-points does not choose, else the one of that N.
+    caches = mesh_caches(root)
+    points = mesh_points or (max(caches) if caches else DEFAULT_MESH_POINTS)
+    built = caches.get(points)
+    settings = built or {"raw_points": max(10000, points), "test_fraction": 0.2, "seed": 0}
+    classes, subsets = scan_mesh_folder(root, settings["test_fraction"], settings["seed"])
     for subset, entries in subsets.items():
         if not entries:
             raise DataError(f"--data '{root}': mesh folder without any {subset} mesh; add <class>/{subset}/ "
                             f"meshes or put the meshes directly in <class>/ for a seeded split")
-    points = mesh_points or DEFAULT_MESH_POINTS
-    section = {"NAME": "MeshFolder", "ROOT": root, "N_POINTS": points, "RAW_POINTS": max(10000, points),
-               "TEST_FRACTION": 0.2, "USE_NORMALS": False, "SEED": 0}
-    detail = (f"{len(subsets['train'])} train / {len(subsets['test'])} test meshes, sampled into "
+    section = {"NAME": "MeshFolder", "ROOT": root, "N_POINTS": points, "RAW_POINTS": settings["raw_points"],
+               "TEST_FRACTION": settings["test_fraction"], "USE_NORMALS": False, "SEED": settings["seed"]}
+    how = "using the existing" if built else "sampled into"
+    detail = (f"{len(subsets['train'])} train / {len(subsets['test'])} test meshes, {how} "
               f"meshfolder_{{train,test}}_{points}pts_fps.dat")
     return DetectedData("mesh folder", root, section, len(classes), points, detail, "mesh-folder", classes)

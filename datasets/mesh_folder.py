@@ -31,6 +31,7 @@ from datasets.io import (
     check_points,
     chunks,
     fps_subsample,
+    human_size,
     item_rng,
     load_cloud_cache,
     register_layout,
@@ -107,6 +108,76 @@ def scan_mesh_folder(
     return classes, subsets
 
 
+_PLY_SIZES = {"char": 1, "uchar": 1, "int8": 1, "uint8": 1, "short": 2, "ushort": 2, "int16": 2, "uint16": 2,
+              "int": 4, "uint": 4, "int32": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8}
+
+
+def check_mesh_header(path: str) -> None:
+    """Refuse a PLY, OFF or binary STL whose header claims more elements than the file can hold, with
+    the claim and the file's real size (trimesh trusts these counts and fails later with a message about
+    array shapes, or allocates for them).
+
+    The bound is a lower one: a binary PLY element needs its fixed-size properties (a list property at
+    least its count), an ASCII PLY element at least two bytes, an OFF vertex three numbers and a face
+    four, a binary STL 50 bytes per triangle after its 84-byte header.
+    """
+    size = os.path.getsize(path)
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if ext == ".stl" and size >= 84 and head[:5].lower() != b"solid":
+        (triangles,) = np.frombuffer(head[80:84], "<u4")
+        if 84 + 50 * int(triangles) > size:  # fewer (a zero count, trailing bytes) is what trimesh reads anyway
+            raise DataError(
+                f"'{path}': its binary STL header claims {int(triangles)} triangles ({human_size(84 + 50 * int(triangles))}), "
+                f"but the file holds {human_size(size)} ({(size - 84) // 50} triangles)"
+            )
+        return
+    if ext == ".ply" and head.startswith(b"ply"):
+        end = head.find(b"end_header")
+        if end < 0:
+            return  # trimesh reports the damaged header
+        newline = head.find(b"\n", end)
+        body = size - (newline + 1) if newline >= 0 else 0
+        lines = head[:end].decode("latin1").splitlines()
+        binary = any(ln.split()[:2] in (["format", "binary_little_endian"], ["format", "binary_big_endian"])
+                     for ln in lines if ln.strip())
+        need, claims = 0, []
+        element: list | None = None
+        for ln in lines:
+            words = ln.split()
+            if words[:1] == ["element"] and len(words) == 3 and words[2].isdigit():
+                element = [words[1], int(words[2]), 0]
+                claims.append(element)
+            elif words[:1] == ["property"] and element is not None:
+                kind = words[2] if words[1] == "list" and len(words) > 2 else words[1]
+                element[2] += _PLY_SIZES.get(kind, 1)
+        for name, count, width in claims:
+            need += count * (width if binary else 2)  # ASCII: at least one value and a newline
+        if need > body:
+            said = ", ".join(f"{count} '{name}'" for name, count, _ in claims) + " elements"
+            raise DataError(
+                f"'{path}': its PLY header claims {said} (at least {human_size(need)} of data), but only "
+                f"{human_size(body)} follow the header"
+            )
+        return
+    if ext == ".off":
+        first = head.split(b"\n", 2)
+        words = b" ".join(ln.split(b"#")[0] for ln in first[:2]).split()
+        if words[:1] in ([b"OFF"], [b"NOFF"], [b"COFF"]) and len(words) >= 3 and words[1].isdigit() \
+                and words[2].isdigit():
+            vertices, faces = int(words[1]), int(words[2])
+            with open(path, "rb") as f:  # tokens after the keyword and the counts
+                header = 1 + sum(1 for w in words[1:4] if w.isdigit())  # the keyword, then 2 or 3 counts
+                tokens = sum(len(ln.split(b"#")[0].split()) for ln in f) - header
+            need = 3 * vertices + 4 * faces  # x y z per vertex; a count and >= 3 indices per face
+            if need > tokens:
+                raise DataError(
+                    f"'{path}': its OFF header claims {vertices} vertices and {faces} faces (at least {need} "
+                    f"numbers), but the file holds {max(tokens, 0)} numbers after the header ({human_size(size)})"
+                )
+
+
 def sample_mesh(path: str, count: int, seed: int, key: str) -> np.ndarray:
     """``count`` area-weighted surface points of a mesh with their face normals: float32 (count, 6).
 
@@ -115,8 +186,10 @@ def sample_mesh(path: str, count: int, seed: int, key: str) -> np.ndarray:
     """
     import trimesh
 
+    check_mesh_header(path)
     try:
-        mesh = trimesh.load(path, force="mesh")
+        # process=False: trimesh's processing drops non-finite vertices silently; they are an error here.
+        mesh = trimesh.load(path, force="mesh", process=False)
     except Exception as exc:  # trimesh raises many types for unreadable files
         raise DataError(
             f"'{path}' is truncated or corrupt: trimesh cannot read it as a mesh ({exc})"
@@ -124,6 +197,7 @@ def sample_mesh(path: str, count: int, seed: int, key: str) -> np.ndarray:
     # Check the vertices before the areas: huge or NaN coordinates make the area test meaningless.
     if isinstance(mesh, trimesh.Trimesh):
         check_points(mesh.vertices, f"'{path}' vertices", ("vertex", "column"))
+        mesh.process()  # what trimesh.load(process=True) does: the same vertices and faces
     try:
         usable = isinstance(mesh, trimesh.Trimesh) and len(mesh.faces) > 0 and mesh.area > 0
         if usable:
@@ -143,6 +217,33 @@ def mesh_cache_paths(cache_dir: str, subset: str, n_points: int) -> tuple[str, s
     """The ``.dat`` cache and its ``.json`` side file."""
     dat = os.path.join(cache_dir, f"meshfolder_{subset}_{n_points}pts_fps.dat")
     return dat, dat + ".json"
+
+
+def mesh_caches(cache_dir: str) -> dict[int, dict]:
+    """The mesh caches in ``cache_dir`` that exist for both subsets with agreeing side files:
+    ``{n_points: {"raw_points": ..., "test_fraction": ..., "seed": ...}}`` (the settings they were built
+    with, e.g. by ``prepare_data.py mesh-folder``). Whether they still match the meshes is checked on load."""
+    found: dict[int, dict] = {}
+    if not os.path.isdir(cache_dir):
+        return found
+    for name in os.listdir(cache_dir):
+        head, tail = "meshfolder_train_", "pts_fps.dat"
+        if not (name.startswith(head) and name.endswith(tail) and name[len(head):-len(tail)].isdigit()):
+            continue
+        n_points = int(name[len(head):-len(tail)])
+        settings = []
+        for subset in ("train", "test"):
+            dat, meta = mesh_cache_paths(cache_dir, subset, n_points)
+            try:
+                with open(meta, encoding="utf-8") as f:
+                    content = json.load(f)
+                settings.append({k: content[k] for k in ("raw_points", "test_fraction", "seed")}
+                                if os.path.isfile(dat) and content.get("n_points") == n_points else None)
+            except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+                settings.append(None)
+        if settings[0] is not None and settings[0] == settings[1]:
+            found[n_points] = settings[0]
+    return found
 
 
 def build_mesh_cache(
@@ -263,7 +364,8 @@ class MeshFolder(InMemoryClouds):
         if current != expected:
             log.warning("%s missing or stale: sampling %d meshes", dat, len(entries))
             build_mesh_cache(root, subset, n_points, raw_points, test_fraction, seed, cache_dir)
-        clouds, labels = load_cloud_cache(dat, len(classes), npoints or n_points, 6 if use_normals else 3)
+        clouds, labels = load_cloud_cache(dat, len(classes), npoints or n_points, 6 if use_normals else 3,
+                                          n_points=n_points)
         super().__init__(
             clouds,
             labels,

@@ -272,7 +272,8 @@ class ModelNet(InMemoryClouds):
         if not os.path.isfile(cache):
             log.warning("%s not found: building it from the raw files (slow, runs once)", cache)
             build_modelnet_cache(data_path, len(classes), subset, n_points)
-        clouds, labels = load_cloud_cache(cache, len(classes), npoints or n_points, 6 if use_normals else 3)
+        clouds, labels = load_cloud_cache(cache, len(classes), npoints or n_points, 6 if use_normals else 3,
+                                          n_points=n_points)
         names = ids if len(ids) == len(clouds) else [f"{subset}_{i}" for i in range(len(clouds))]
         super().__init__(
             clouds,

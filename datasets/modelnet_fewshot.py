@@ -105,7 +105,8 @@ def generate_fewshot(
     for split in ("train", "test"):
         cache = modelnet_cache_path(modelnet_path, num_category, split, n_points)
         splits[split] = load_cloud_cache(
-            require_file(cache, "a ModelNet .dat cache (prepare_data modelnet-cache)"), num_category, n_points
+            require_file(cache, "a ModelNet .dat cache (prepare_data modelnet-cache)"), num_category, n_points,
+            n_points=n_points,
         )
     by_class = {
         split: {c: np.flatnonzero(labels == c) for c in range(num_category)}
@@ -142,9 +143,11 @@ def generate_fewshot(
 
 
 def _read_episode(
-    path: str, subset: str, way: int, num_category: int, min_points: int, min_columns: int
+    path: str, subset: str, way: int, num_category: int, min_points: int, min_columns: int,
+    n_points: int | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Validate one subset of an episode pickle; return its clouds and in-episode labels."""
+    """Validate one subset of an episode pickle; return its clouds and in-episode labels. With ``n_points``
+    every cloud must have exactly that many rows (items then keep all of them, and batches need one size)."""
     episode: Any = safe_pickle_load(path)
     if not isinstance(episode, dict) or not {"train", "test"} <= set(episode):
         keys = sorted(episode, key=repr) if isinstance(episode, dict) else type(episode).__name__
@@ -165,6 +168,15 @@ def _read_episode(
         labels.append(label)
         originals.append(original)
     check_labels(originals, num_category, f"'{path}' original classes")
+    sizes = sorted({len(c) for c in clouds})
+    if n_points is not None and sizes != [n_points]:
+        first = next(i for i, c in enumerate(clouds) if len(c) != n_points)
+        held = ", ".join(f"{sum(len(c) == k for c in clouds)} with {k}" for k in sizes)
+        raise DataError(
+            f"'{path}': {subset}[{first}] has {len(clouds[first])} points but N_POINTS is {n_points} (clouds by "
+            f"point count: {held}); set N_POINTS to the count the file holds, or npoints to at most "
+            f"{sizes[0]} to take that many of each"
+        )
     return clouds, check_labels(labels, way, f"'{path}' {subset} labels")
 
 
@@ -220,7 +232,8 @@ class ModelNetFewShot(InMemoryClouds):
                 f"{shot}-shot); {folder} holds {have}"
             )
         clouds, labels = _read_episode(
-            path, subset, way, num_category, npoints or n_points, 6 if use_normals else 3
+            path, subset, way, num_category, npoints or n_points, 6 if use_normals else 3,
+            n_points=None if npoints else n_points,
         )
         names = [f"{way}way_{shot}shot/{fold}/{subset}/{i}" for i in range(len(clouds))]
         super().__init__(

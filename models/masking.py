@@ -59,6 +59,23 @@ def mask_from_order(order: torch.Tensor, num_visible: int) -> torch.Tensor:
     return mask
 
 
+
+def check_masked_count(num_group: int, ratio: float, rule: str, *, ratio_key: str = "mask ratio",
+                       group_key: str = "num_group") -> int:
+    """The masked count of ``num_group`` patches at ``ratio`` under ``rule``; a ConfigError naming
+    ``ratio_key`` / ``group_key`` (the keys the user set) unless at least one patch is masked and one
+    stays visible, with the range of ratios (in steps of 0.001) that satisfies it."""
+    masked = num_masked(num_group, ratio, rule)
+    if 1 <= masked <= num_group - 1:
+        return masked
+    ok = [k / 1000 for k in range(1, 1000) if 1 <= num_masked(num_group, k / 1000, rule) <= num_group - 1]
+    fix = (f"set {ratio_key} between {ok[0]:g} and {ok[-1]:g}" if ok
+           else f"raise {group_key.split(' ')[0]} to at least 2")
+    rule_text = {"point_mae": "int(ratio * G)", "gm3d": "G - int(G * (1 - ratio))"}.get(rule, rule)
+    raise ConfigError(f"{ratio_key}={ratio:g} masks {masked} of the {num_group} patches ({group_key}={num_group}; "
+                      f"{rule} count rule, {rule_text} masked): at least one patch must be masked and one "
+                      f"visible; {fix}")
+
 class MaskStrategy:
     """Base class.
 
@@ -205,27 +222,32 @@ class MaskConfig:
 
 
 def resolve_mask_config(mask: dict[str, Any] | None, transformer_config: dict[str, Any] | None, *,
-                        where: str = "model") -> MaskConfig:
+                        where: str = "model", official_prefix: str = "transformer_config.") -> MaskConfig:
     """One :class:`MaskConfig` from the ``mask`` block and the official ``transformer_config`` keys.
 
     ``transformer_config.mask_ratio`` / ``mask_type`` are the official spellings of ``mask.ratio`` /
     ``mask.strategy``; either place may set them, and a disagreement is a :class:`ConfigError`.
+    ``official_prefix`` is where the official keys live in the model's config (Point-M2AE: ``""``, its
+    ``mask_ratio`` is a top-level model key), so that an error names the key the user set.
     """
     m = dict(mask or {})
     check_kwargs(MaskConfig, m, f"{where}.mask")
     tc = transformer_config or {}
+    ratio_key = f"{where}.mask.ratio"
     for official, ours in (("mask_ratio", "ratio"), ("mask_type", "strategy")):
         if official in tc:
             if ours in m and m[ours] != tc[official]:
-                raise ConfigError(f"{where}: transformer_config.{official}={tc[official]!r} disagrees with "
+                raise ConfigError(f"{where}: {official_prefix}{official}={tc[official]!r} disagrees with "
                                   f"mask.{ours}={m[ours]!r}; set it in one place")
             m[ours] = tc[official]
+            if official == "mask_ratio":
+                ratio_key = f"{where}.{official_prefix}{official}"
     cfg = MaskConfig(**m)
     if cfg.strategy not in MASKS:
         raise ConfigError(f"{where}.mask.strategy: unknown mask strategy {cfg.strategy!r}; registered: "
                           f"{', '.join(MASKS.list())}")
     if not 0.0 < cfg.ratio < 1.0:
-        raise ConfigError(f"{where}.mask.ratio (transformer_config.mask_ratio) must be in (0, 1), got {cfg.ratio}")
+        raise ConfigError(f"{ratio_key}={cfg.ratio!r} is out of range; allowed: in (0, 1)")
     if cfg.count is not None and cfg.count not in COUNT_RULES:
         raise ConfigError(f"{where}.mask.count must be one of {', '.join(COUNT_RULES)} or null, got {cfg.count!r}")
     if not 0.0 <= cfg.alpha_max <= 1.0:

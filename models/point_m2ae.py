@@ -407,7 +407,7 @@ class PointM2AE(MaskedAutoencoder):
         m = dict(mask or {})
         if mask_ratio is None and "ratio" not in m:
             m["ratio"] = 0.8  # the official Point-M2AE ratio (MaskConfig's own default is Point-MAE's 0.6)
-        mcfg = resolve_mask_config(m, tc)
+        mcfg = resolve_mask_config(m, tc, official_prefix="")
         cfg.mask_ratio = mcfg.ratio
         self.cfg = cfg
         self.local_attention_in_pretrain = bool(local_attention_in_pretrain)

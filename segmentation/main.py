@@ -2,6 +2,7 @@
 
     python segmentation/main.py --config cfgs/segmentation/point_mae_gm3d_shapenetpart.yaml --finetune CKPT
     python segmentation/main.py --config cfgs/segmentation/quickstart_seg.yaml --scratch
+    python segmentation/main.py --config cfgs/segmentation/point_mae_gm3d_shapenetpart.yaml --finetune CKPT --data PATH
     python segmentation/main.py --config CONFIG --test SEG_CKPT [--vote]
     python segmentation/main.py --config CONFIG --run_dir RUN --resume
 
@@ -13,10 +14,7 @@ best epoch is selected on ``eval.best_metric`` (instance mIoU on the test split,
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.py)
     from utils.omp import apply_wait_policy
 
@@ -26,7 +24,7 @@ if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.p
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="segmentation YAML, e.g. cfgs/segmentation/quickstart_seg.yaml")
-    from tools.cli import add_init_args, check_init_args
+    from tools.cli import OVERRIDES_HELP, add_data_args, add_init_args, check_init_args, parse_with_overrides
 
     add_init_args(p, "model", "only evaluate this segmentation checkpoint")
     p.add_argument("--vote", action="store_true", help="also report voting mIoU (finetune.votes votes)")
@@ -35,8 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue a run from <run>/ckpt-last.pth")
     p.add_argument("--stop_after_epoch", type=int, default=None,
                    help="leave after this epoch (checkpoint written); continue with --resume")
-    p.add_argument("opts", nargs="*", help="config overrides, e.g. max_epoch=10 optimizer.kwargs.lr=1e-4")
-    args = p.parse_args(argv)
+    add_data_args(p)
+    p.add_argument("opts", nargs="*", help=OVERRIDES_HELP)
+    args = parse_with_overrides(p, argv)
     check_init_args(p, args)
     return args
 
@@ -46,10 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     from tools.runs import run_cli
     from tools.segment import run_segmentation
 
-    return run_cli(lambda: run_segmentation(
-        args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, ckpt=args.finetune,
-        scratch=args.scratch, test=args.test, vote=args.vote, resume=args.resume,
-        stop_after_epoch=args.stop_after_epoch), "segmentation")
+    def job():
+        if args.data:
+            from tools.cli import data_overrides
+
+            args.opts = data_overrides(args.data, "segment", args.config, args.opts, args.data_points)
+        run_segmentation(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, ckpt=args.finetune,
+                         scratch=args.scratch, test=args.test, vote=args.vote, resume=args.resume,
+                         stop_after_epoch=args.stop_after_epoch)
+
+    return run_cli(job, "segmentation")
 
 
 if __name__ == "__main__":

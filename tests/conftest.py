@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,6 @@ def tiny_config(tmp_path):
 
 def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 240, env_extra: dict | None = None,
             prefix: list[str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    env = child_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
     cmd = (prefix or [sys.executable]) + args
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

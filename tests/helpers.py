@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_TC = {"mask_ratio": 0.6, "mask_type": "rand", "trans_dim": 48, "encoder_dims": 48, "depth": 2,
            "drop_path_rate": 0.1, "num_heads": 3, "decoder_depth": 1, "decoder_num_heads": 3}
+
+
+def child_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a child process that runs a script of this checkout: ``base`` (default
+    ``os.environ``) with this repository's root first on ``PYTHONPATH``, so the child imports this tree's
+    code whatever is installed and wherever it runs; ``extra`` is added last."""
+    env = dict(os.environ if base is None else base)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *rest])
+    env.update(extra)
+    return env
 
 
 def official_point_mae_keys(depth: int = 12, decoder_depth: int = 4) -> set[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers import child_env
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,7 @@ def test_workers_exit_when_the_launcher_is_killed(tiny_config, tmp_path):
         pytest.skip("torchrun not on PATH")
     cfg = tiny_config(max_epoch=200, eval={"svm_every": 0}, log={"progress_bar": False, "tensorboard": False})
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = child_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     launcher = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node", "2", "main_pretrain.py", "--config",
                                  str(cfg), "--run_dir", str(run), "device=cpu"], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -84,7 +85,7 @@ def test_watchdog_fallback_signals_when_the_parent_changes():
         "print(d.exit_with_parent(poll_s=0.1), os.getpid(), flush=True)\n"
         "time.sleep(30)\n"
     )
-    p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=child_env(), stdout=subprocess.PIPE, text=True)
     mech, pid = p.stdout.readline().split()
     p.wait(timeout=10)
     assert mech == "watchdog"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from models.classifier import PointTransformer
 from models.adapters import PointMAEAdapter
 from tools.pretrained import load_finetuned, load_pretrained_encoder
 from models.point_mae import PointMAE
-from tests.helpers import TINY_TC, official_point_mae_keys
+from tests.helpers import TINY_TC, child_env, official_point_mae_keys
 from tools.checkpoint import CheckpointError, atomic_save
 from tools.finetune import (AccuracyEvaluator, TrainSampling, accuracy_metrics, default_point_all, fps_to,
                             predict_logits, vote_logits)
@@ -305,7 +304,7 @@ TINY_DATA = ["dataset.train.num_classes=3", "dataset.train.samples_per_class=4",
 
 
 def cli(*args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = child_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "main_finetune.py", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return proc

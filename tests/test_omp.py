@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import child_env
 from utils.omp import CHOICE_VAR, apply_wait_policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def test_an_entry_script_runs_with_passive_unless_told() -> None:
         "    pass",
         "print('policy', os.environ.get('OMP_WAIT_POLICY'))",
     ])
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", CHOICE_VAR)}
+    env = child_env({k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", CHOICE_VAR)})
 
     def run(extra: dict[str, str]) -> str:
         out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={**env, **extra},

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [f"shape{c:02d}" for c in range(11)]
 PER_SPLIT = 3
@@ -63,7 +65,7 @@ FT = ["max_epoch=1", "scheduler.kwargs.epochs=1", "scheduler.kwargs.initial_epoc
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -83,7 +85,7 @@ def test_linear_svm_on_own_folder(folders, kind, tmp_path):
     layout = "ModelNet text" if kind == "modelnet" else "mesh folder"
     assert f"data: {layout} layout at {folders[kind]}" in out and "11 classes, 128 points per cloud" in out
     assert "train 33 / test 33" in out and "n=33 test items, 95 % interval" in out
-    assert "repeat 0 (seed 0):" in out and "repeat 1 (seed 0):" in out
+    assert "repeat 0 (seed 0):" in out and "repeat 1 (seed 1):" in out  # repeat r uses seed --seed + r
     assert "re-sampled x2: " in out and "over 2 repeats (std ddof=1), 95 % interval" in out
     assert "pooled 3-fold over train + test:" in out and "/ 66 correct" in out
 

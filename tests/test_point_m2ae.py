@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from models import MODELS, build_model
 from models.point_m2ae import (PointM2AE, PointM2AEGM3D, StageBlocks, local_attention_bias, propagate_mask)
 from models.point_m2ae_cls import PointM2AEModelNet40, PointM2AEScanObjectNN, smooth_ce
-from tests.helpers import assert_ema_update
+from tests.helpers import assert_ema_update, child_env
 from tools.checkpoint import CheckpointError, atomic_save
 from tools.pretrained import load_finetuned, load_knowledge_teacher, load_pretrained_encoder, load_start_checkpoint
 
@@ -432,7 +431,7 @@ def test_gm3d_m2ae_run_encoder_loads_into_classifier_from_ema(tmp_path, teacher_
 
 # ------------------------------------------------------------------------------------ CLI
 def test_m2ae_quickstart_cli_end_to_end(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     small = ["model.num_groups=[32,16,8]", "model.group_sizes=[8,4,4]", "model.encoder_depths=[1,1,1]",
              "model.encoder_dims=[24,48,96]", "model.decoder_dims=[96,48]", "max_epoch=1", "total_bs=16",
              "scheduler.kwargs.epochs=1", "scheduler.kwargs.initial_epochs=0", "eval.svm_every=1",

@@ -21,6 +21,7 @@ from tests.test_datasets_official import (
     write_modelnet_raw,
     write_shapenet,
 )
+from tests.helpers import child_env
 from tools.prepare_data import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +43,7 @@ def test_script_runs_from_the_repo_root() -> None:
     proc = subprocess.run(
         [sys.executable, "tools/prepare_data.py", "--help"],
         cwd=REPO,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,

@@ -67,7 +67,7 @@ def test_a_file_missing_a_key_is_refused_naming_it(tmp_path):
 
 @pytest.mark.slow
 def test_cli_start_ckpts_trains_from_the_file_and_refuses_resume(tiny_config, tmp_path):
-    cfg = tiny_config(max_epoch=1, eval={"svm_every": 0})
+    cfg = tiny_config(max_epoch=1, eval={"svm_every": 1, "at_start": True})
     torch.manual_seed(0)
     src = PointMAE(group_size=8, num_group=16, transformer_config={
         "trans_dim": 48, "encoder_dims": 48, "depth": 1, "num_heads": 3, "decoder_depth": 1, "decoder_num_heads": 3})
@@ -75,6 +75,8 @@ def test_cli_start_ckpts_trains_from_the_file_and_refuses_resume(tiny_config, tm
     r = run_cli(["main_pretrain.py", "--config", str(cfg), "--run_dir", str(tmp_path / "run"), "--start_ckpts", path])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "--start_ckpts" in r.stdout and "tensors loaded" in r.stdout
+    assert f"linear SVM, starting encoder (--start_ckpts {path}): " in r.stdout  # epoch -1 is not a random init
+    assert "randomly initialised" not in r.stdout
     r = run_cli(["main_pretrain.py", "--config", str(cfg), "--run_dir", str(tmp_path / "run"), "--resume",
                  "--start_ckpts", path])
     assert r.returncode == 2 and "--start_ckpts initialises a new run" in r.stdout + r.stderr

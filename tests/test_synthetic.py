@@ -12,6 +12,7 @@ import torch
 import datasets.synthetic as synthetic
 from datasets import DATASETS, build_dataset
 from datasets.synthetic import CLASS_PARTS, CLASSES, SyntheticShapes
+from tests.helpers import child_env
 from utils.errors import ConfigError, DataError
 
 SMALL = dict(num_classes=16, samples_per_class=3, test_per_class=2, base_points=256, npoints=128, seed=5)
@@ -140,11 +141,11 @@ def test_test_items_deterministic_train_items_seeded_per_epoch(train, test):
 
 def test_bitwise_identical_in_another_process(test):
     code = (
-        "import hashlib, sys; sys.path.insert(0, '.'); from datasets.synthetic import SyntheticShapes; "
+        "import hashlib; from datasets.synthetic import SyntheticShapes; "
         f"d = SyntheticShapes('test', **{SMALL!r}); "
         "print(hashlib.sha256(d.points.tobytes() + d.seg.tobytes()).hexdigest())"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == hashlib.sha256(test.points.tobytes() + test.seg.tobytes()).hexdigest()
 
 

@@ -9,7 +9,11 @@ config overrides placed *before* the user's own, so an explicit ``dataset.train.
 * ``finetune``: ``dataset.train`` / ``dataset.test``, and ``model.cls_dim`` set to the data's class count
   unless given (a given value that disagrees is a ConfigError naming the key); few-shot keeps the
   config's head (the official protocol keeps its 40-way head for 5/10-way episodes);
-* ``svm``: ``dataset.svm_train`` / ``dataset.svm_test``.
+* ``svm``: ``dataset.svm_train`` / ``dataset.svm_test``;
+* ``segment``: a ShapeNetPart folder (``synsetoffset2category.txt``, ``train_test_split/``, one folder per
+  synset) becomes ``dataset.train`` (subset ``trainval``, or ``train`` when the config has a
+  ``dataset.val``), ``dataset.val`` (if the config has one) and ``dataset.test``, ``NPOINTS`` = the run's
+  ``npoints`` (or ``--data-points``).
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "layout is detected and printed, and the run's data sections are built from it "
                         "(same as the override dataset.root=PATH)")
     p.add_argument("--data-points", type=int, default=None, metavar="N",
-                   help="with --data: points per cached shape of a mesh folder (default 2048) or of a new "
-                        "ModelNet cache (default: the raw files' size, at most 8192)")
+                   help="with --data: points per cached shape of a mesh folder (default: its largest existing "
+                        "cache, else 2048) or of a new ModelNet cache (default: the raw files' size, at most 8192)")
 
 
 def add_init_args(p: argparse.ArgumentParser, model: str, test_help: str) -> None:
@@ -92,6 +96,8 @@ def data_overrides(data: str, task: str, config: str, opts: Sequence[str], point
     from datasets.detect import detect_data
     from utils.config import load_config, parse_override
 
+    if task == "segment":
+        return _segment_overrides(data, config, opts, points, echo)
     det = detect_data(data, points)
     cfg = load_config(config, list(opts))
     npoints = int(cfg.npoints)
@@ -116,4 +122,32 @@ def data_overrides(data: str, task: str, config: str, opts: Sequence[str], point
             out.append(f"model.cls_dim={det.num_classes}")
     echo(f"{det.describe()} -> {', '.join('dataset.' + s[0] for s in sections)}"
          + (f", model.cls_dim={det.num_classes}" if task == "finetune" and not fewshot else ""), flush=True)
+    return out + list(opts)
+
+
+def _segment_overrides(data: str, config: str, opts: Sequence[str], points: int | None, echo) -> list[str]:
+    """``--data`` for segmentation: the folder must have the ShapeNetPart layout."""
+    import os
+
+    from datasets.shapenetpart import LAYOUT
+    from utils.config import load_config
+    from utils.errors import DataError
+
+    root = os.path.abspath(os.path.expanduser(data))
+    if not os.path.isdir(root):
+        raise DataError(f"--data '{data}' is not a folder; pass the ShapeNetPart folder (synsetoffset2category.txt, "
+                        f"train_test_split/, one folder per synset)")
+    missing = LAYOUT.missing(root)
+    if missing:
+        raise DataError(f"--data '{data}' is not a ShapeNetPart layout (missing: {'; '.join(missing)}); check a copy "
+                        f"with `python tools/prepare_data.py layout shapenetpart --root {data}` (docs/DATA.md)")
+    cfg = load_config(config, list(opts))
+    has_val = bool(cfg.dataset.get("val"))
+    n = int(points or cfg.npoints)
+    splits = [("train", "train" if has_val else "trainval")] + ([("val", "val")] if has_val else []) + [("test", "test")]
+    out = [f"dataset.{name}=" + _flow({"_replace_": True, "NAME": "ShapeNetPart", "ROOT": root, "NPOINTS": n,
+                                       "USE_NORMALS": False, "others": {"subset": subset}})
+           for name, subset in splits]
+    echo(f"data: ShapeNetPart layout at {root} ({n} points per shape) -> "
+         + ", ".join(f"dataset.{name} ({subset})" for name, subset in splits), flush=True)
     return out + list(opts)

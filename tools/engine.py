@@ -2,8 +2,9 @@
 
 ``Trainer(cfg, model, train_set, run_dir, evaluators=...).fit()`` handles devices, precision, DDP
 (``torchrun``: gloo on CPU, NCCL on GPU), gradient accumulation and clipping, the per-iteration
-warm-up + cosine schedule, progress bars, TensorBoard, one JSON line of metrics per epoch, atomic
-checkpoints and exact resume. ``ckpt-last.pth`` is the epoch commit and carries the metric history;
+warm-up + cosine schedule, progress (a bar on a terminal, a few log lines otherwise:
+:mod:`tools.progress`), TensorBoard, one JSON line of metrics per epoch, atomic checkpoints and exact
+resume. ``ckpt-last.pth`` is the epoch commit and carries the metric history;
 ckpt-best.pth, metrics.jsonl and summary.json follow it and are repaired from it on resume
 (docs/RELIABILITY.md).
 
@@ -32,7 +33,6 @@ import copy
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -46,6 +46,7 @@ from models.base import TrainHooks
 from models.ema import build_model_ema
 from tools import checkpoint as ckpt_io
 from tools.optim import build_optimizer, lr_at, set_lr
+from tools.progress import EpochProgress
 from utils import dist
 from utils.errors import CheckpointError, ConfigError
 from utils.io import atomic_write, remove_stale_temps
@@ -180,19 +181,6 @@ def _checkpoint_epoch(path: Path) -> int | None:
         return int(ckpt_io.load_file(path).get("epoch"))
     except (CheckpointError, TypeError, ValueError):
         return None
-
-
-def _replace_with_link(src: Path, dst: Path) -> None:
-    """Make ``dst`` another name of ``src``'s current content (a hard link, else a copy), atomically."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        data = src.read_bytes()
-        atomic_write(dst, lambda f: f.write(data))
-        return
-    os.replace(tmp, dst)
 
 
 def _collate_points(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -392,7 +380,7 @@ class Trainer:
             ckpt_io.atomic_save(state, self.run_dir / f"ckpt-epoch-{epoch:03d}.pth")
         last = self.run_dir / "ckpt-last.pth"
         if last.exists():  # keep the previous epoch: the fall-back when this one turns out to be broken
-            _replace_with_link(last, self.run_dir / PREVIOUS)
+            ckpt_io.replace_with_link(last, self.run_dir / PREVIOUS)
         ckpt_io.atomic_save(state, last)
         if improved:
             ckpt_io.atomic_save(state, self.run_dir / "ckpt-best.pth")
@@ -537,9 +525,8 @@ class Trainer:
         t0 = time.perf_counter()
         samples = 0
         bar = None
-        if self.is_main and self.cfg["log"]["progress_bar"]:
-            from tqdm import tqdm
-            bar = tqdm(total=n_iter, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        if self.is_main and self.cfg["log"]["progress_bar"]:  # a bar on a terminal, else a few log lines
+            bar = EpochProgress(n_iter, f"epoch {epoch}")
         opt.zero_grad(set_to_none=True)
         for it, batch in enumerate(self.loader):
             lr = lr_at(epoch + it / n_iter, self.base_lr, self.cfg["scheduler"])
@@ -585,9 +572,7 @@ class Trainer:
                 window = []
                 synced = True
             if bar is not None:
-                if synced:
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", lr=f"{lr:.2e}")
-                bar.update()
+                bar.update(**({"loss": f"{float(loss.detach()):.4g}", "lr": f"{lr:.2e}"} if synced else {}))
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - t0

@@ -23,8 +23,8 @@ more than ``npoints`` points are reduced by deterministic FPS. ``--data PATH`` p
 folder instead (layout detected and printed).
 
 Small test splits: every accuracy is printed with its count of test items and a 95 % Wilson interval;
-``--repeats K`` re-samples the clouds K times (seeded by ``--seed`` and the repeat) and prints each
-accuracy, mean ± std (ddof=1) and a 95 % t-interval; ``--kfold K`` adds a pooled stratified K-fold
+``--repeats K`` re-samples the clouds K times (repeat ``r`` with seed ``--seed + r``, printed beside it;
+``--seed S --repeats 1`` reproduces that line) and prints each accuracy, mean ± std (ddof=1) and a 95 % t-interval; ``--kfold K`` adds a pooled stratified K-fold
 estimate over train + test::
 
     python tools/eval_svm.py --config cfgs/pretrain/quickstart.yaml --ckpt CKPT --repeats 5
@@ -36,11 +36,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.py)
     from utils.omp import apply_wait_policy
 
@@ -109,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--C", type=float, default=None, help="SVM C (default: eval.svm_C of the config)")
     p.add_argument("--repeats", type=int, default=0, metavar="K",
                    help="K seeded re-samplings of the clouds (random point order -> a different FPS start and "
-                        "subset per repeat, from (--seed, repeat)); prints each accuracy, mean ± std and a 95 %% "
+                        "subset per repeat; repeat r uses seed --seed + r); prints each accuracy, mean ± std and a 95 %% "
                         "t-interval (default: one plain evaluation)")
     p.add_argument("--kfold", type=int, default=0, metavar="K",
                    help="also a pooled stratified K-fold estimate over train + test (for small test splits): "
@@ -161,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if runs:
         for r in runs:
             lo, hi = wilson_interval(r["acc"], n_test)
-            print(f"  repeat {r['repeat']} (seed {seed}): {r['acc']:.2f} %  (C={r['C']}, n={n_test}, "
+            print(f"  repeat {r['repeat']} (seed {r['seed']}): {r['acc']:.2f} %  (C={r['C']}, n={n_test}, "
                   f"95 % interval {lo:.1f}-{hi:.1f} %)")
         print(f"re-sampled x{len(runs)}: {format_mean([r['acc'] for r in runs], 'repeats')}", flush=True)
     if kfold:
@@ -171,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         record = {"svm_acc": acc, "svm_C": ev.C, "n_train": len(train_set), "n_test": n_test,
                   "checkpoint": args.ckpt, "source": args.source, "layout": layout,
-                  "repeats": [r["acc"] for r in runs], "kfold_acc": kfold["acc"] if kfold else None}
+                  "repeats": [r["acc"] for r in runs], "repeat_seeds": [r["seed"] for r in runs], "kfold_acc": kfold["acc"] if kfold else None}
         atomic_write(Path(args.json), lambda f: f.write(json.dumps(record, indent=1) + "\n"), binary=False)
     return 0
 

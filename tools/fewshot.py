@@ -183,8 +183,8 @@ def run_fewshot(config: str, opts: list[str], *, exp_name: str = "default", run_
 
     # resume=True: a few-shot run folder continues fold by fold (finished folds are skipped)
     cfg, device, out = prepare_run(config, opts, exp_name=exp_name, run_dir=run_dir, resume=True, kind="fewshot",
-                                   accept_config_change=accept_config_change)
-    check_best_metric(cfg, ("test_acc",))
+                                   accept_config_change=accept_config_change,
+                                   checks=lambda c: check_best_metric(c, ("test_acc",)))
     fs = cfg.finetune.fewshot
     folds = int(fs.folds)
     fold_ids = [fold] if fold is not None else list(range(folds))

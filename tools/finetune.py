@@ -280,15 +280,18 @@ def run_finetune(config: str, opts: list[str], *, exp_name: str = "default", run
 
     if test and run_dir is None:  # keep a training run's folder (and its config.yaml) untouched
         run_dir = str(Path("experiments") / Path(config).stem / f"{exp_name}_test")
+    def checks(cfg):
+        if not test:
+            check_best_metric(cfg)
+            if str(cfg.eval.best_metric).startswith("val") and not cfg.dataset.get("val"):
+                raise ConfigError(f"eval.best_metric is {cfg.eval.best_metric} but the config has no dataset.val section")
+
     cfg, device, out = prepare_run(config, opts, exp_name=exp_name, run_dir=run_dir, resume=resume,
-                                   kind="test" if test else "finetune", accept_config_change=accept_config_change)
+                                   kind="test" if test else "finetune", accept_config_change=accept_config_change,
+                                   checks=checks)
     fc = cfg.finetune
     npoints = int(cfg.npoints)
     do_vote = bool(vote or fc.vote)
-    if not test:
-        check_best_metric(cfg)
-        if str(cfg.eval.best_metric).startswith("val") and not cfg.dataset.get("val"):
-            raise ConfigError(f"eval.best_metric is {cfg.eval.best_metric} but the config has no dataset.val section")
     test_set = build_split(cfg, "test")
     if test:
         torch.manual_seed(int(cfg.seed))

@@ -53,8 +53,6 @@ import math
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.py)
     from utils.omp import apply_wait_policy
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.py)
     from utils.omp import apply_wait_policy
 

@@ -176,16 +176,18 @@ def run_segmentation(config: str, opts: list[str], *, exp_name: str = "default",
 
     if test and run_dir is None:
         run_dir = str(Path("experiments") / Path(config).stem / f"{exp_name}_test")
+    def checks(cfg):
+        allowed = SEG_METRICS + tuple(k.replace("test", "val") for k in SEG_METRICS)
+        if not test and cfg.eval.best_metric not in allowed:
+            raise ConfigError(f"eval.best_metric is '{cfg.eval.best_metric}'; segmentation produces "
+                              f"{', '.join(allowed)} (val_* with a dataset.val section); set eval.best_metric: test_miou_i")
+        if not test and str(cfg.eval.best_metric).startswith("val") and not cfg.dataset.get("val"):
+            raise ConfigError(f"eval.best_metric is {cfg.eval.best_metric} but the config has no dataset.val section")
+
     cfg, device, out = prepare_run(config, opts, exp_name=exp_name, run_dir=run_dir, resume=resume,
-                                   kind="test" if test else "segment")
+                                   kind="test" if test else "segment", task="segment", checks=checks)
     fc = cfg.finetune
     do_vote = bool(vote or fc.vote)
-    allowed = SEG_METRICS + tuple(k.replace("test", "val") for k in SEG_METRICS)
-    if not test and cfg.eval.best_metric not in allowed:
-        raise ConfigError(f"eval.best_metric is '{cfg.eval.best_metric}'; segmentation produces "
-                          f"{', '.join(allowed)} (val_* with a dataset.val section); set eval.best_metric: test_miou_i")
-    if not test and str(cfg.eval.best_metric).startswith("val") and not cfg.dataset.get("val"):
-        raise ConfigError(f"eval.best_metric is {cfg.eval.best_metric} but the config has no dataset.val section")
     test_set = build_split(cfg, "test")
     vote_kw = dict(votes=int(fc.votes), seed=int(cfg.seed), augment=build_transform(cfg),
                    batch_size=int(fc.eval_bs), device=device)

@@ -8,8 +8,9 @@ Optional, for data sets where the official C does not fit (``eval.svm_C_grid``, 
 C chosen by 3-fold stratified cross-validation on the TRAIN features only (never the test split), and
 features standardised with the train statistics.
 
-Re-sampling (:class:`Resampled`): repeat ``r`` gives every cloud a random point order drawn from
-``(seed, r, index)``; the encoder's deterministic FPS (to ``npoints``, then to the patch centres) starts
+Re-sampling (:class:`Resampled`): repeat ``r`` of ``--repeats`` runs with seed ``seed + r`` (so
+``--seed S --repeats 1`` reproduces the repeat printed with seed S) and gives every cloud a random point
+order drawn from ``(seed + r, 0, index)``; the encoder's deterministic FPS (to ``npoints``, then to the patch centres) starts
 at index 0, so each repeat sees a different FPS start and, for clouds larger than ``npoints``, a different
 point subset of the same surfaces. The spread over repeats is the measurement noise of one encoder.
 """
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from utils.errors import ConfigError
 from utils.misc import derive_seed
 
 __all__ = ["extract_features", "select_C", "linear_svm_accuracy", "SVMEvaluator", "EncoderFeatures",
@@ -54,6 +56,12 @@ def select_C(train_x: np.ndarray, train_y: np.ndarray, grid: Sequence[float], st
     """The C of ``grid`` with the best mean accuracy in stratified k-fold CV on the training features."""
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
+    counts = np.bincount(np.asarray(train_y, dtype=np.int64))
+    smallest = int(counts[counts > 0].min()) if counts.any() else 0
+    if smallest < folds:
+        raise ConfigError(f"eval.svm_C_grid: choosing C by {folds}-fold cross-validation needs at least {folds} "
+                          f"training shapes per class, and the smallest class of the SVM train split has "
+                          f"{smallest}: give it more shapes, or set eval.svm_C_grid=[] to use eval.svm_C")
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     scores = [cross_val_score(_svc(c, standardize), train_x, train_y, cv=cv).mean() for c in grid]
     return float(grid[int(np.argmax(scores))])
@@ -208,17 +216,20 @@ def repeated_svm(feature_fn: Callable[[torch.Tensor], torch.Tensor], train_set: 
                  repeats: int, seed: int = 0, C: float = 0.01, C_grid: Sequence[float] = (),
                  standardize: bool = False, batch_size: int = 64,
                  device: torch.device = torch.device("cpu")) -> list[dict[str, float]]:
-    """Linear-SVM accuracy for ``repeats`` seeded re-samplings (:class:`Resampled`, repeat 0..K-1) of both
-    splits; one ``{"repeat", "acc", "C"}`` per repeat (C re-selected on each repeat's train features when
+    """Linear-SVM accuracy for ``repeats`` seeded re-samplings of both splits: repeat ``r`` is
+    :class:`Resampled` with seed ``seed + r`` (repeat index 0), so ``seed=s + r, repeats=1`` reproduces it.
+    One ``{"repeat", "seed", "acc", "C"}`` per repeat (C re-selected on each repeat's train features when
     ``C_grid`` is given)."""
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     out = []
     for r in range(repeats):
-        tr = extract_features(feature_fn, Resampled(train_set, seed, r), batch_size, device)
-        te = extract_features(feature_fn, Resampled(test_set, seed, r), batch_size, device)
+        s = int(seed) + r
+        tr = extract_features(feature_fn, Resampled(train_set, s, 0), batch_size, device)
+        te = extract_features(feature_fn, Resampled(test_set, s, 0), batch_size, device)
         c = select_C(*tr, C_grid, standardize) if C_grid else C
-        out.append({"repeat": r, "acc": linear_svm_accuracy(*tr, *te, C=c, standardize=standardize), "C": c})
+        out.append({"repeat": r, "seed": s, "acc": linear_svm_accuracy(*tr, *te, C=c, standardize=standardize),
+                    "C": c})
     return out
 
 

@@ -36,8 +36,6 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.py)
     from utils.omp import apply_wait_policy
 

@@ -268,11 +268,18 @@ class Config(dict):
         The files are those that set the key or anything under it, the one that set the key itself first.
         """
         full = self._prefix + key
+        files = self.sources(key)
+        return f"{', '.join(files)}: {full}" if files else full
+
+    def sources(self, key: str) -> list[str]:
+        """The files (or ``"command line"``) that set dotted ``key`` or anything under it, the one that set
+        the key itself first; empty when nothing was loaded for it."""
+        full = self._prefix + key
         files: list[str] = []
         for path, source in self._sources.items():
             if (path == full or path.startswith(full + ".")) and source not in files:
                 files.append(source)
-        return f"{', '.join(files)}: {full}" if files else full
+        return files
 
     def source_files(self) -> list[str]:
         """Every file loaded for this config, then each override as ``"command line: k=v"``, in load order."""

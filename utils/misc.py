@@ -10,12 +10,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.errors import ConfigError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else is passed to torch.device."""
+    """``auto`` -> cuda when available, else cpu; anything else is passed to torch.device. A device this
+    machine does not have (``cuda`` without a GPU, ``cuda:3`` with two) is a one-line ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={name!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r}, but this machine has no CUDA device (torch.cuda.is_available() "
+                              f"is False): use device=cpu, or device=auto (cuda when there is one)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}); use one of them or device=auto")
+    return device
 
 
 def native_bf16(device: torch.device) -> bool:
