@@ -42,7 +42,7 @@ from utils.errors import ConfigError
 
 __all__ = ["M2AEConfig", "TokenMerge", "StageBlocks", "HierarchicalEncoder", "FeaturePropagation",
            "M2AEEncoded", "PointM2AE", "PointM2AETeacher", "propagate_mask", "group_multiscale",
-           "local_attention_bias"]
+           "local_attention_bias", "official_padding_bias"]
 
 #: additive attention bias of a masked-out pair (the official value)
 NEG_BIAS = -100000.0
@@ -166,6 +166,28 @@ def local_attention_bias(center: torch.Tensor, radius: float, valid: torch.Tenso
     if valid is not None:
         blocked |= ~(valid.unsqueeze(2) & valid.unsqueeze(1))
     return (blocked.float() * NEG_BIAS).unsqueeze(1)
+
+
+def official_padding_bias(center: torch.Tensor, radius: float, valid: torch.Tensor,
+                          dist: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The official pre-training attention mask, ``mask_radius * mask_vis``, as a (B, 1, L, L) additive bias.
+
+    ``mask_vis`` is 1 for every pair that involves a padding slot, ``mask_radius`` is 1 for pairs at
+    distance >= ``radius`` (padding centres sit at the origin); their product blocks a (valid, padding)
+    pair only where the valid centre is at least ``radius`` from the origin, never blocks a
+    (padding, padding) pair, and never blocks a (valid, valid) pair (the radius is cancelled).
+    ``radius <= 0``: ``mask_vis`` alone (padding fully blocked). ``dist`` is the official cache: the
+    previous stage's distance matrix is reused when its size equals this stage's padded length.
+    Returns the bias and the distance matrix to pass to the next stage.
+    """
+    pad = ~(valid.unsqueeze(2) & valid.unsqueeze(1))
+    if radius > 0:
+        if dist is None or dist.shape[1] != center.shape[1]:
+            dist = torch.cdist(center, center)
+        blocked = pad & (dist >= radius)
+    else:
+        blocked = pad
+    return (blocked.to(center.dtype) * NEG_BIAS).unsqueeze(1), dist
 
 
 # ---------------------------------------------------------------------- modules
@@ -305,7 +327,8 @@ class HierarchicalEncoder(nn.Module):
         self.apply(_init_trunc_normal)
 
     def forward(self, groups: list[Patches], masks: list[torch.Tensor] | None = None,
-                local_attention: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+                local_attention: bool = True, official_padding: bool = False
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Encode every scale.
 
         Args:
@@ -313,6 +336,9 @@ class HierarchicalEncoder(nn.Module):
             masks: per-scale (B, G_s) bool, True = masked (:func:`propagate_mask`); None = every token.
             local_attention: apply the radius bias (off: the official pre-training, where only the
                 padding is masked out).
+            official_padding: with ``local_attention`` off, use the official pre-training mask
+                (:func:`official_padding_bias`: padding slots take part in attention with the valid
+                tokens near the origin) instead of masking every padding pair out.
 
         Returns:
             ``tokens`` per stage, (B, L_s, C_s): the visible tokens in increasing index, zero-padded to
@@ -320,7 +346,7 @@ class HierarchicalEncoder(nn.Module):
             ``valid`` (B, L_s) bool (False = padding) and ``index`` (B, L_s) int64 into G_s per stage.
         """
         tokens_out, valid_out, index_out = [], [], []
-        prev = None
+        prev, dist = None, None
         S = len(groups)
         for s in range(S):
             g = groups[s]
@@ -342,7 +368,10 @@ class HierarchicalEncoder(nn.Module):
                 keep = valid.unsqueeze(-1)
                 x_in = gather(tok, index) * keep
                 center = gather(g.center, index) * keep
-                bias = None if bool(valid.all()) and radius <= 0 else local_attention_bias(center, radius, valid)
+                if official_padding and not local_attention:
+                    bias, dist = official_padding_bias(center, self.local_radius[s], valid, dist)
+                else:
+                    bias = None if bool(valid.all()) and radius <= 0 else local_attention_bias(center, radius, valid)
             x = self.encoder_blocks[s](x_in, self.encoder_pos_embeds[s](center), bias)
             if s < S - 1:  # token merging input: transformer outputs at the visible slots, embeddings elsewhere
                 if masks is None:
@@ -384,6 +413,10 @@ class PointM2AE(MaskedAutoencoder):
             (default) keeps that behaviour; True masks out pairs beyond the radius as fine-tuning does.
         official_index0: reproduce the official mask-propagation quirk that always unmasks the first
             token of the batch's first sample at every finer scale (default False: fixed).
+        official_padding: reproduce the official pre-training attention mask ``mask_radius * mask_vis``
+            (:func:`official_padding_bias`; matters at batch size >= 2, where samples are padded to the
+            longest visible count): padding slots attend and are attended to by valid tokens within the
+            local radius of the origin. Default False: padding is always masked out.
     """
 
     ARCH = "point_m2ae"
@@ -396,7 +429,7 @@ class PointM2AE(MaskedAutoencoder):
                  mask_ratio: float | None = None, decoder_depths: list[int] | None = None,
                  decoder_dims: list[int] | None = None, decoder_up_blocks: list[int] | None = None,
                  mask: dict | None = None, local_attention_in_pretrain: bool = False,
-                 official_index0: bool = False):
+                 official_index0: bool = False, official_padding: bool = False):
         super().__init__()
         cfg = M2AEConfig.from_args(group_sizes=group_sizes, num_groups=num_groups, encoder_depths=encoder_depths,
                                    encoder_dims=encoder_dims, local_radius=local_radius,
@@ -412,8 +445,13 @@ class PointM2AE(MaskedAutoencoder):
         self.cfg = cfg
         self.local_attention_in_pretrain = bool(local_attention_in_pretrain)
         self.official_index0 = bool(official_index0)
+        self.official_padding = bool(official_padding)
+        if self.official_padding and self.local_attention_in_pretrain:
+            raise ConfigError("model: official_padding: true reproduces the official pre-training mask, in which "
+                              "the local radii are cancelled; it cannot be combined with "
+                              "local_attention_in_pretrain: true (set one of them to false)")
         self.config = {**asdict(cfg), "mask": asdict(mcfg), "local_attention_in_pretrain": local_attention_in_pretrain,
-                       "official_index0": official_index0}
+                       "official_index0": official_index0, "official_padding": official_padding}
         self.num_group = cfg.num_groups[-1]
         self.token_dim = cfg.encoder_dims[-1]
         self.h_encoder = HierarchicalEncoder(cfg, with_norms=True)
@@ -461,7 +499,7 @@ class PointM2AE(MaskedAutoencoder):
 
     def encode(self, groups: list[Patches], mask: torch.Tensor | None = None) -> M2AEEncoded:
         masks = self.scale_masks(groups, mask)
-        tokens, valid, index = self.h_encoder(groups, masks, self.local_attention_in_pretrain)
+        tokens, valid, index = self.h_encoder(groups, masks, self.local_attention_in_pretrain, self.official_padding)
         return M2AEEncoded(tokens, valid, index, masks)
 
     def mask_scale_tokens(self, encoded: M2AEEncoded) -> torch.Tensor:
@@ -573,7 +611,7 @@ class PointM2AE(MaskedAutoencoder):
             cfg = M2AEConfig(**base).validate("model.gm3d.teacher_model", decoder=False)
         else:
             cfg = self.cfg
-        return PointM2AETeacher(cfg, self.local_attention_in_pretrain, self.official_index0)
+        return PointM2AETeacher(cfg, self.local_attention_in_pretrain, self.official_index0, self.official_padding)
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor, *, epoch: int = 0,
@@ -598,11 +636,13 @@ class PointM2AETeacher(EncoderTeacher):
 
     ARCH = "point_m2ae"
 
-    def __init__(self, cfg: M2AEConfig, local_attention: bool = False, official_index0: bool = False):
+    def __init__(self, cfg: M2AEConfig, local_attention: bool = False, official_index0: bool = False,
+                 official_padding: bool = False):
         super().__init__()
         c = M2AEConfig(**{**asdict(cfg), "drop_path_rate": 0.0})
         self.h_encoder = HierarchicalEncoder(c, with_norms=True)
         self.local_attention, self.official_index0 = local_attention, official_index0
+        self.official_padding = official_padding
         self.token_dim = c.encoder_dims[-1]
         self.freeze()
 
@@ -610,7 +650,7 @@ class PointM2AETeacher(EncoderTeacher):
         B, G = groups[-1].center.shape[:2]
         none = torch.zeros(B, G, dtype=torch.bool, device=groups[-1].center.device)
         masks = propagate_mask(none, groups, self.official_index0)
-        return self.h_encoder(groups, masks, self.local_attention)[0][-1]
+        return self.h_encoder(groups, masks, self.local_attention, self.official_padding)[0][-1]
 
 
 # ---------------------------------------------------------------------- GeoMask3D on Point-M2AE
@@ -636,7 +676,7 @@ class PointM2AEGM3D(GM3D):
                  mask_ratio: float | None = None, decoder_depths: list[int] | None = None,
                  decoder_dims: list[int] | None = None, decoder_up_blocks: list[int] | None = None,
                  mask: dict | None = None, local_attention_in_pretrain: bool = False,
-                 official_index0: bool = False, gm3d: dict | None = None,
+                 official_index0: bool = False, official_padding: bool = False, gm3d: dict | None = None,
                  knowledge_teacher: EncoderTeacher | None = None):
         m = dict(mask or {})
         ratio = mask_ratio if mask_ratio is not None else m.get("ratio", 0.8)
@@ -648,5 +688,5 @@ class PointM2AEGM3D(GM3D):
         student = PointM2AE(group_sizes, num_groups, encoder_depths, encoder_dims, local_radius, num_heads,
                             drop_path_rate, None, decoder_depths, decoder_dims, decoder_up_blocks,
                             mask=student_mask, local_attention_in_pretrain=local_attention_in_pretrain,
-                            official_index0=official_index0)
+                            official_index0=official_index0, official_padding=official_padding)
         super().__init__(student, mask=m, gm3d=gm3d, knowledge_teacher=knowledge_teacher)
