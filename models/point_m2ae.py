@@ -18,7 +18,8 @@ The method, the official behaviour and every choice made here are in docs/M2AE.m
 scales of FPS + kNN groups, each scale grouping the previous scale's centres; the mask is drawn at the
 coarsest scale and propagated down (a finer token is visible iff it is in the kNN group of a visible
 coarser token); each stage encodes only its visible tokens (samples differ in their visible count, so
-they are padded and the padding is masked out of attention); the decoder goes back up two scales and
+they are padded; ``official_padding`` picks the official attention mask over the padding or masks it
+out); the decoder goes back up two scales and
 reconstructs, for every masked token of the second scale, ``group_sizes[0]`` points against the
 ``group_sizes[1]`` first-scale centres of its group (Chamfer-L2).
 """
@@ -35,7 +36,8 @@ from torch import nn
 from extensions import Patches, chamfer_l2, gather, group, knn
 from models.base import EncoderTeacher, MaskedAutoencoder
 from models.build import MODELS
-from models.layers import Block, PatchEmbed, _bn_relu_channels_last, _drop_rates, _max_pool, _pointwise
+from models.layers import (Block, PatchEmbed, _bn_relu_channels_last, _drop_rates, _max_pool, _pointwise,
+                           at_least_float32)
 from models.masking import MaskStrategy, build_mask, resolve_mask_config
 from models.point_mae import _init_trunc_normal, _init_xavier, pool_tokens
 from utils.errors import ConfigError
@@ -146,8 +148,8 @@ def propagate_mask(coarse_mask: torch.Tensor, groups: list[Patches], official_in
         B, G, K = idx.shape
         n_fine = groups[s - 1].center.shape[1]
         vis = (~masks[0]).unsqueeze(-1).expand(B, G, K)
-        hits = torch.zeros(B, n_fine, device=idx.device).scatter_add_(1, idx.reshape(B, -1),
-                                                                      vis.reshape(B, -1).float())
+        hits = torch.zeros(B, n_fine, dtype=torch.int32, device=idx.device).scatter_add_(
+            1, idx.reshape(B, -1), vis.reshape(B, -1).to(torch.int32))
         fine_mask = hits == 0
         if official_index0 and bool(masks[0].any()):
             fine_mask[0, 0] = False
@@ -291,7 +293,7 @@ class FeaturePropagation(nn.Module):
         else:
             k = min(3, S)
             with torch.no_grad():
-                nn_ = knn(xyz_fine.float(), xyz_coarse.float(), k)
+                nn_ = knn(at_least_float32(xyz_fine), at_least_float32(xyz_coarse), k)
                 w = 1.0 / (nn_.dist.square() + 1e-8)
                 w = w / w.sum(-1, keepdim=True)
             interp = (gather(coarse, nn_.idx) * w.unsqueeze(-1).to(coarse.dtype)).sum(2)
@@ -553,7 +555,7 @@ class PointM2AE(MaskedAutoencoder):
         L = rec.shape[0]
         pred = self.rec_head(rec.unsqueeze(-1)).reshape(L, -1, 3)
         gt = groups[1].neighborhood[fine_mask].reshape(L, -1, 3)
-        return self.loss_fn(pred.float(), gt.float(), reduction="none"), fine_mask
+        return self.loss_fn(at_least_float32(pred), at_least_float32(gt), reduction="none"), fine_mask
 
     def reconstruct_masked(self, groups: list[Patches], mask: torch.Tensor, encoded: M2AEEncoded):
         """``f_hat`` (B, M, C) decoded coarse mask tokens; ``l_p`` (B, M): for each masked coarse token the
