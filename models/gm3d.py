@@ -384,11 +384,13 @@ class GM3D(MaskedAutoencoder):
         (S, B, G) that hide it, in the model's current mode: ``target`` (B, G), 0 where no mask hides the
         patch, and ``count`` (B, G), how many masks hide it."""
         total = torch.zeros(masks.shape[1:], dtype=torch.float64, device=masks.device)
+        dtype = torch.float32
         for mask in masks:
             target = self.per_patch_terms(groups, mask, self.student.encode(groups, mask))[3]
             total[mask] += target.reshape(-1).double()
+            dtype = at_least_float32(target).dtype      # float32, or float64 in a float64 model
         count = masks.double().sum(0)
-        return at_least_float32(total / count.clamp_min(1)), count
+        return (total / count.clamp_min(1)).to(dtype), count
 
     @torch.no_grad()
     def oracle_scores(self, groups, generator: torch.Generator | None = None) -> torch.Tensor:
