@@ -75,7 +75,6 @@ def main(argv=None) -> int:
                 enc, loss, feat = res[name]
                 tok_abs, tok_rel = 0.0, 0.0
                 for s, (a, b) in enumerate(zip(enc.tokens, f_enc.tokens)):
-                    keep_a = torch.zeros(enc.masks[s].shape, dtype=torch.bool)
                     both = (~enc.masks[s]) & (~f_enc.masks[s])
                     ta = a.new_zeros(*both.shape, a.shape[-1])
                     tb = ta.clone()
@@ -84,7 +83,6 @@ def main(argv=None) -> int:
                     d = float((ta - tb)[both].abs().max()) if both.any() else 0.0
                     tok_abs = max(tok_abs, d)
                     tok_rel = max(tok_rel, d / float(tb[both].abs().max()))
-                    del keep_a
                 rows.append({"batch": B, "seed": seed, "switch": name, "token_max_abs": tok_abs,
                              "token_max_rel": tok_rel, "loss_fixed": f_loss, "loss": loss,
                              "loss_rel": abs(loss - f_loss) / f_loss,
