@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers import at_least_float32
 from models.masking import MaskStrategy
 from utils.errors import DataError
 
@@ -211,7 +212,7 @@ class SegmentationModel(TrainHooks, nn.Module):
     def loss_acc(self, logits: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy over all points (= the official NLL of log-softmax) and point accuracy in percent."""
         seg = seg.long()
-        loss = F.cross_entropy(logits.float().reshape(-1, self.num_parts), seg.reshape(-1))
+        loss = F.cross_entropy(at_least_float32(logits).reshape(-1, self.num_parts), seg.reshape(-1))
         acc = (logits.argmax(-1) == seg).float().mean() * 100.0
         return loss, acc.detach()
 

@@ -27,7 +27,7 @@ from torch import nn
 from extensions import group
 from models.base import Classifier
 from models.build import MODELS
-from models.layers import PatchEmbed, PosEmbed, TransformerEncoder
+from models.layers import PatchEmbed, PosEmbed, TransformerEncoder, at_least_float32
 from models.point_mae import _init_trunc_normal
 from utils.errors import ConfigError
 
@@ -118,6 +118,6 @@ class PointTransformer(Classifier):
     def loss_acc(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy (with label smoothing) and accuracy in percent (official ``get_loss_acc``)."""
         label = label.reshape(-1).long()
-        loss = F.cross_entropy(logits.float(), label, label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(at_least_float32(logits), label, label_smoothing=self.label_smoothing)
         acc = (logits.argmax(-1) == label).float().mean() * 100.0
         return loss, acc.detach()

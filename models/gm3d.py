@@ -42,7 +42,7 @@ from torch import nn
 from models.base import EncoderTeacher, MaskedAutoencoder
 from models.build import MODELS
 from models.ema import ema_update_, ramp_decay, warmup_decay
-from models.layers import TransformerDecoder, _bn_relu_channels_last, _pointwise
+from models.layers import TransformerDecoder, _bn_relu_channels_last, _pointwise, at_least_float32
 from models.losses import gc_ranking_loss, normalized_mse, spearman_per_row
 from models.masking import GM3DMask, build_mask, resolve_mask_config
 from models.point_mae import PointMAE, _init_xavier
@@ -373,12 +373,12 @@ class GM3D(MaskedAutoencoder):
         """The EMA teacher's GC score per mask-scale patch of the complete cloud, (B, G)."""
         t, scorer = self.ema, self.gcfg.gc_scorer
         if scorer == "content":
-            return t.gc_content(self.student.mask_scale_patches(groups)).float()
+            return at_least_float32(t.gc_content(self.student.mask_scale_patches(groups)))
         if scorer == "position":
-            return t.gc_position(self.student.mask_centers(groups)).float()
+            return at_least_float32(t.gc_position(self.student.mask_centers(groups)))
         if scorer == "oracle":
             return self.oracle_scores(groups)
-        return t.gc_scores_all(t.student.mask_scale_tokens(t.student.encode(groups)), groups).float()
+        return at_least_float32(t.gc_scores_all(t.student.mask_scale_tokens(t.student.encode(groups)), groups))
 
     @torch.no_grad()
     def mean_target(self, groups, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,11 +386,13 @@ class GM3D(MaskedAutoencoder):
         (S, B, G) that hide it, in the model's current mode: ``target`` (B, G), 0 where no mask hides the
         patch, and ``count`` (B, G), how many masks hide it."""
         total = torch.zeros(masks.shape[1:], dtype=torch.float64, device=masks.device)
+        dtype = torch.float32
         for mask in masks:
             target = self.per_patch_terms(groups, mask, self.student.encode(groups, mask))[3]
             total[mask] += target.reshape(-1).double()
+            dtype = at_least_float32(target).dtype      # float32, or float64 in a float64 model
         count = masks.double().sum(0)
-        return (total / count.clamp_min(1)).float(), count
+        return (total / count.clamp_min(1)).to(dtype), count
 
     @torch.no_grad()
     def oracle_scores(self, groups, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -471,15 +473,15 @@ class GM3D(MaskedAutoencoder):
         """The detached per-masked-patch error (B, M) that the GC scorer ranks (``gc_target`` and
         ``gc_chamfer_norm`` options; the defaults give the official ``l_p (+ l_f)``)."""
         g = self.gcfg
-        l_p = l_p.detach().float()
+        l_p = at_least_float32(l_p.detach())
         if g.gc_chamfer_norm:
             patches = self.student.mask_scale_patches(groups)
             B, M = l_p.shape
-            size = patches[mask].view(B, M, -1, 3).float().pow(2).sum(-1).mean(-1)
+            size = at_least_float32(patches[mask].view(B, M, -1, 3)).pow(2).sum(-1).mean(-1)
             l_p = l_p / (size + 1e-8)
         if l_f is None:
             return _zscore_rows(l_p) if g.gc_target == "zscore" else l_p
-        l_f = l_f.detach().float()
+        l_f = at_least_float32(l_f.detach())
         if g.gc_target == "zscore":
             return _zscore_rows(l_p) + _zscore_rows(l_f)
         if g.gc_target == "weighted":
@@ -518,7 +520,7 @@ class GM3D(MaskedAutoencoder):
             l_gc = loss_point.new_zeros(())
             loss = w_point * loss_point
         else:
-            l_gc = gc_ranking_loss(g_hat.float(), gc_target)
+            l_gc = gc_ranking_loss(at_least_float32(g_hat), gc_target)
             loss = w_point * loss_point + w_gc * l_gc
         out = {"loss_point": loss_point.detach(), "loss_gc": l_gc.detach()}
         if l_f is not None:

@@ -13,6 +13,12 @@ from torch import nn
 __all__ = ["PatchEmbed", "PosEmbed", "Block", "TransformerEncoder", "TransformerDecoder", "DropPath"]
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or as it is when it is already float64 (losses and scores are computed in at least
+    float32 under bf16 / fp16 autocast, and stay float64 in a float64 model)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _pointwise(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     """Apply a kernel-size-1 Conv1d to channels-last ``x`` (..., C_in) as a matmul."""
     return F.linear(x, conv.weight.squeeze(-1), conv.bias)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.layers import at_least_float32
+
 __all__ = ["gc_ranking_loss", "normalized_mse", "spearman_per_row"]
 
 
@@ -26,15 +28,15 @@ def gc_ranking_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6)
     dt = target.unsqueeze(1) - target.unsqueeze(2)      # [b, i, j] = t_j - t_i
     dp = pred.unsqueeze(1) - pred.unsqueeze(2)          # [b, i, j] = p_j - p_i
     pos, neg = dt > 0, dt < 0
-    s = torch.sigmoid(dp.float())
+    s = torch.sigmoid(at_least_float32(dp))
     nll = -(pos * torch.log(s + eps) + neg * torch.log(1 - s + eps))
     return nll.sum() / (pos | neg).sum().clamp_min(1)
 
 
 def normalized_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-token ``|| p/|p| - t/|t| ||^2`` (= 2 - 2 cos) over the last dim; target detached. (...,C)->(...)"""
-    p = F.normalize(pred.float(), dim=-1)
-    t = F.normalize(target.detach().float(), dim=-1)
+    p = F.normalize(at_least_float32(pred), dim=-1)
+    t = F.normalize(at_least_float32(target.detach()), dim=-1)
     return (p - t).square().sum(-1)
 
 

@@ -18,7 +18,8 @@ The method, the official behaviour and every choice made here are in docs/M2AE.m
 scales of FPS + kNN groups, each scale grouping the previous scale's centres; the mask is drawn at the
 coarsest scale and propagated down (a finer token is visible iff it is in the kNN group of a visible
 coarser token); each stage encodes only its visible tokens (samples differ in their visible count, so
-they are padded and the padding is masked out of attention); the decoder goes back up two scales and
+they are padded; ``official_padding`` picks the official attention mask over the padding or masks it
+out); the decoder goes back up two scales and
 reconstructs, for every masked token of the second scale, ``group_sizes[0]`` points against the
 ``group_sizes[1]`` first-scale centres of its group (Chamfer-L2).
 """
@@ -35,14 +36,15 @@ from torch import nn
 from extensions import Patches, chamfer_l2, gather, group, knn
 from models.base import EncoderTeacher, MaskedAutoencoder
 from models.build import MODELS
-from models.layers import Block, PatchEmbed, _bn_relu_channels_last, _drop_rates, _max_pool, _pointwise
+from models.layers import (Block, PatchEmbed, _bn_relu_channels_last, _drop_rates, _max_pool, _pointwise,
+                           at_least_float32)
 from models.masking import MaskStrategy, build_mask, resolve_mask_config
 from models.point_mae import _init_trunc_normal, _init_xavier, pool_tokens
 from utils.errors import ConfigError
 
 __all__ = ["M2AEConfig", "TokenMerge", "StageBlocks", "HierarchicalEncoder", "FeaturePropagation",
            "M2AEEncoded", "PointM2AE", "PointM2AETeacher", "propagate_mask", "group_multiscale",
-           "local_attention_bias"]
+           "local_attention_bias", "official_padding_bias"]
 
 #: additive attention bias of a masked-out pair (the official value)
 NEG_BIAS = -100000.0
@@ -146,8 +148,8 @@ def propagate_mask(coarse_mask: torch.Tensor, groups: list[Patches], official_in
         B, G, K = idx.shape
         n_fine = groups[s - 1].center.shape[1]
         vis = (~masks[0]).unsqueeze(-1).expand(B, G, K)
-        hits = torch.zeros(B, n_fine, device=idx.device).scatter_add_(1, idx.reshape(B, -1),
-                                                                      vis.reshape(B, -1).float())
+        hits = torch.zeros(B, n_fine, dtype=torch.int32, device=idx.device).scatter_add_(
+            1, idx.reshape(B, -1), vis.reshape(B, -1).to(torch.int32))
         fine_mask = hits == 0
         if official_index0 and bool(masks[0].any()):
             fine_mask[0, 0] = False
@@ -166,6 +168,28 @@ def local_attention_bias(center: torch.Tensor, radius: float, valid: torch.Tenso
     if valid is not None:
         blocked |= ~(valid.unsqueeze(2) & valid.unsqueeze(1))
     return (blocked.float() * NEG_BIAS).unsqueeze(1)
+
+
+def official_padding_bias(center: torch.Tensor, radius: float, valid: torch.Tensor,
+                          dist: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The official pre-training attention mask, ``mask_radius * mask_vis``, as a (B, 1, L, L) additive bias.
+
+    ``mask_vis`` is 1 for every pair that involves a padding slot, ``mask_radius`` is 1 for pairs at
+    distance >= ``radius`` (padding centres sit at the origin); their product blocks a (valid, padding)
+    pair only where the valid centre is at least ``radius`` from the origin, never blocks a
+    (padding, padding) pair, and never blocks a (valid, valid) pair (the radius is cancelled).
+    ``radius <= 0``: ``mask_vis`` alone (padding fully blocked). ``dist`` is the official cache: the
+    previous stage's distance matrix is reused when its size equals this stage's padded length.
+    Returns the bias and the distance matrix to pass to the next stage.
+    """
+    pad = ~(valid.unsqueeze(2) & valid.unsqueeze(1))
+    if radius > 0:
+        if dist is None or dist.shape[1] != center.shape[1]:
+            dist = torch.cdist(center, center)
+        blocked = pad & (dist >= radius)
+    else:
+        blocked = pad
+    return (blocked.to(center.dtype) * NEG_BIAS).unsqueeze(1), dist
 
 
 # ---------------------------------------------------------------------- modules
@@ -269,7 +293,7 @@ class FeaturePropagation(nn.Module):
         else:
             k = min(3, S)
             with torch.no_grad():
-                nn_ = knn(xyz_fine.float(), xyz_coarse.float(), k)
+                nn_ = knn(at_least_float32(xyz_fine), at_least_float32(xyz_coarse), k)
                 w = 1.0 / (nn_.dist.square() + 1e-8)
                 w = w / w.sum(-1, keepdim=True)
             interp = (gather(coarse, nn_.idx) * w.unsqueeze(-1).to(coarse.dtype)).sum(2)
@@ -305,7 +329,8 @@ class HierarchicalEncoder(nn.Module):
         self.apply(_init_trunc_normal)
 
     def forward(self, groups: list[Patches], masks: list[torch.Tensor] | None = None,
-                local_attention: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+                local_attention: bool = True, official_padding: bool = False
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Encode every scale.
 
         Args:
@@ -313,6 +338,9 @@ class HierarchicalEncoder(nn.Module):
             masks: per-scale (B, G_s) bool, True = masked (:func:`propagate_mask`); None = every token.
             local_attention: apply the radius bias (off: the official pre-training, where only the
                 padding is masked out).
+            official_padding: with ``local_attention`` off, use the official pre-training mask
+                (:func:`official_padding_bias`: padding slots take part in attention with the valid
+                tokens near the origin) instead of masking every padding pair out.
 
         Returns:
             ``tokens`` per stage, (B, L_s, C_s): the visible tokens in increasing index, zero-padded to
@@ -320,7 +348,7 @@ class HierarchicalEncoder(nn.Module):
             ``valid`` (B, L_s) bool (False = padding) and ``index`` (B, L_s) int64 into G_s per stage.
         """
         tokens_out, valid_out, index_out = [], [], []
-        prev = None
+        prev, dist = None, None
         S = len(groups)
         for s in range(S):
             g = groups[s]
@@ -342,7 +370,10 @@ class HierarchicalEncoder(nn.Module):
                 keep = valid.unsqueeze(-1)
                 x_in = gather(tok, index) * keep
                 center = gather(g.center, index) * keep
-                bias = None if bool(valid.all()) and radius <= 0 else local_attention_bias(center, radius, valid)
+                if official_padding and not local_attention:
+                    bias, dist = official_padding_bias(center, self.local_radius[s], valid, dist)
+                else:
+                    bias = None if bool(valid.all()) and radius <= 0 else local_attention_bias(center, radius, valid)
             x = self.encoder_blocks[s](x_in, self.encoder_pos_embeds[s](center), bias)
             if s < S - 1:  # token merging input: transformer outputs at the visible slots, embeddings elsewhere
                 if masks is None:
@@ -384,6 +415,10 @@ class PointM2AE(MaskedAutoencoder):
             (default) keeps that behaviour; True masks out pairs beyond the radius as fine-tuning does.
         official_index0: reproduce the official mask-propagation quirk that always unmasks the first
             token of the batch's first sample at every finer scale (default False: fixed).
+        official_padding: reproduce the official pre-training attention mask ``mask_radius * mask_vis``
+            (:func:`official_padding_bias`; matters at batch size >= 2, where samples are padded to the
+            longest visible count): padding slots attend and are attended to by valid tokens within the
+            local radius of the origin. Default False: padding is always masked out.
     """
 
     ARCH = "point_m2ae"
@@ -396,7 +431,7 @@ class PointM2AE(MaskedAutoencoder):
                  mask_ratio: float | None = None, decoder_depths: list[int] | None = None,
                  decoder_dims: list[int] | None = None, decoder_up_blocks: list[int] | None = None,
                  mask: dict | None = None, local_attention_in_pretrain: bool = False,
-                 official_index0: bool = False):
+                 official_index0: bool = False, official_padding: bool = False):
         super().__init__()
         cfg = M2AEConfig.from_args(group_sizes=group_sizes, num_groups=num_groups, encoder_depths=encoder_depths,
                                    encoder_dims=encoder_dims, local_radius=local_radius,
@@ -412,8 +447,13 @@ class PointM2AE(MaskedAutoencoder):
         self.cfg = cfg
         self.local_attention_in_pretrain = bool(local_attention_in_pretrain)
         self.official_index0 = bool(official_index0)
+        self.official_padding = bool(official_padding)
+        if self.official_padding and self.local_attention_in_pretrain:
+            raise ConfigError("model: official_padding: true reproduces the official pre-training mask, in which "
+                              "the local radii are cancelled; it cannot be combined with "
+                              "local_attention_in_pretrain: true (set one of them to false)")
         self.config = {**asdict(cfg), "mask": asdict(mcfg), "local_attention_in_pretrain": local_attention_in_pretrain,
-                       "official_index0": official_index0}
+                       "official_index0": official_index0, "official_padding": official_padding}
         self.num_group = cfg.num_groups[-1]
         self.token_dim = cfg.encoder_dims[-1]
         self.h_encoder = HierarchicalEncoder(cfg, with_norms=True)
@@ -461,7 +501,7 @@ class PointM2AE(MaskedAutoencoder):
 
     def encode(self, groups: list[Patches], mask: torch.Tensor | None = None) -> M2AEEncoded:
         masks = self.scale_masks(groups, mask)
-        tokens, valid, index = self.h_encoder(groups, masks, self.local_attention_in_pretrain)
+        tokens, valid, index = self.h_encoder(groups, masks, self.local_attention_in_pretrain, self.official_padding)
         return M2AEEncoded(tokens, valid, index, masks)
 
     def mask_scale_tokens(self, encoded: M2AEEncoded) -> torch.Tensor:
@@ -515,7 +555,7 @@ class PointM2AE(MaskedAutoencoder):
         L = rec.shape[0]
         pred = self.rec_head(rec.unsqueeze(-1)).reshape(L, -1, 3)
         gt = groups[1].neighborhood[fine_mask].reshape(L, -1, 3)
-        return self.loss_fn(pred.float(), gt.float(), reduction="none"), fine_mask
+        return self.loss_fn(at_least_float32(pred), at_least_float32(gt), reduction="none"), fine_mask
 
     def reconstruct_masked(self, groups: list[Patches], mask: torch.Tensor, encoded: M2AEEncoded):
         """``f_hat`` (B, M, C) decoded coarse mask tokens; ``l_p`` (B, M): for each masked coarse token the
@@ -573,7 +613,7 @@ class PointM2AE(MaskedAutoencoder):
             cfg = M2AEConfig(**base).validate("model.gm3d.teacher_model", decoder=False)
         else:
             cfg = self.cfg
-        return PointM2AETeacher(cfg, self.local_attention_in_pretrain, self.official_index0)
+        return PointM2AETeacher(cfg, self.local_attention_in_pretrain, self.official_index0, self.official_padding)
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor, *, epoch: int = 0,
@@ -598,11 +638,13 @@ class PointM2AETeacher(EncoderTeacher):
 
     ARCH = "point_m2ae"
 
-    def __init__(self, cfg: M2AEConfig, local_attention: bool = False, official_index0: bool = False):
+    def __init__(self, cfg: M2AEConfig, local_attention: bool = False, official_index0: bool = False,
+                 official_padding: bool = False):
         super().__init__()
         c = M2AEConfig(**{**asdict(cfg), "drop_path_rate": 0.0})
         self.h_encoder = HierarchicalEncoder(c, with_norms=True)
         self.local_attention, self.official_index0 = local_attention, official_index0
+        self.official_padding = official_padding
         self.token_dim = c.encoder_dims[-1]
         self.freeze()
 
@@ -610,7 +652,7 @@ class PointM2AETeacher(EncoderTeacher):
         B, G = groups[-1].center.shape[:2]
         none = torch.zeros(B, G, dtype=torch.bool, device=groups[-1].center.device)
         masks = propagate_mask(none, groups, self.official_index0)
-        return self.h_encoder(groups, masks, self.local_attention)[0][-1]
+        return self.h_encoder(groups, masks, self.local_attention, self.official_padding)[0][-1]
 
 
 # ---------------------------------------------------------------------- GeoMask3D on Point-M2AE
@@ -636,7 +678,7 @@ class PointM2AEGM3D(GM3D):
                  mask_ratio: float | None = None, decoder_depths: list[int] | None = None,
                  decoder_dims: list[int] | None = None, decoder_up_blocks: list[int] | None = None,
                  mask: dict | None = None, local_attention_in_pretrain: bool = False,
-                 official_index0: bool = False, gm3d: dict | None = None,
+                 official_index0: bool = False, official_padding: bool = False, gm3d: dict | None = None,
                  knowledge_teacher: EncoderTeacher | None = None):
         m = dict(mask or {})
         ratio = mask_ratio if mask_ratio is not None else m.get("ratio", 0.8)
@@ -648,5 +690,5 @@ class PointM2AEGM3D(GM3D):
         student = PointM2AE(group_sizes, num_groups, encoder_depths, encoder_dims, local_radius, num_heads,
                             drop_path_rate, None, decoder_depths, decoder_dims, decoder_up_blocks,
                             mask=student_mask, local_attention_in_pretrain=local_attention_in_pretrain,
-                            official_index0=official_index0)
+                            official_index0=official_index0, official_padding=official_padding)
         super().__init__(student, mask=m, gm3d=gm3d, knowledge_teacher=knowledge_teacher)

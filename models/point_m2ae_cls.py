@@ -28,6 +28,7 @@ from torch import nn
 
 from models.base import Classifier
 from models.build import MODELS
+from models.layers import at_least_float32
 from models.point_m2ae import HierarchicalEncoder, M2AEConfig, group_multiscale
 from utils.errors import ConfigError
 
@@ -115,7 +116,8 @@ class PointM2AEClassifier(Classifier):
     def loss_acc(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Official ``get_loss_acc``: smoothed CE (ModelNet40) or CE, and accuracy in percent."""
         label = label.reshape(-1).long()
-        loss = smooth_ce(logits.float(), label, self.smooth) if self.smooth > 0 else F.cross_entropy(logits.float(), label)
+        logits = at_least_float32(logits)
+        loss = smooth_ce(logits, label, self.smooth) if self.smooth > 0 else F.cross_entropy(logits, label)
         acc = (logits.argmax(-1) == label).float().mean() * 100.0
         return loss, acc.detach()
 

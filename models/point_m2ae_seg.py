@@ -120,7 +120,7 @@ class PointM2AESegmentation(SegmentationModel):
         """(B, N, 3) points, (B,) categories -> (B, N, num_parts) part logits."""
         self._check_points(points)
         B, N, _ = points.shape
-        onehot = category_one_hot(category.to(points.device), self.num_categories)
+        onehot = category_one_hot(category.to(points.device), self.num_categories, points.dtype)
         centers, tokens = self.stage_features(points)
         per_point = torch.cat([prop(points, c, points, t) for prop, c, t in zip(self.propagations, centers, tokens)],
                               dim=1)                                              # (B, 3 fp, N)

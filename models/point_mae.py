@@ -15,7 +15,7 @@ from torch import nn
 from extensions import Patches, chamfer_l1, chamfer_l2, group
 from models.base import EncoderTeacher, MaskedAutoencoder
 from models.build import MODELS
-from models.layers import PatchEmbed, PosEmbed, TransformerDecoder, TransformerEncoder
+from models.layers import PatchEmbed, PosEmbed, TransformerDecoder, TransformerEncoder, at_least_float32
 from models.masking import MaskStrategy, build_mask, resolve_mask_config
 from utils.errors import ConfigError
 from utils.registry import check_kwargs
@@ -181,8 +181,8 @@ class PointMAETeacher(EncoderTeacher):
         rec_t = self.MAE_decoder(f_full, self.decoder_pos_embed(center), G)[mask].view(B, M, C)
         pred_pts = head(rec_s.transpose(1, 2))
         kt_pts = head(rec_t.transpose(1, 2))
-        return loss_fn(pred_pts.transpose(1, 2).reshape(B * M, K, 3).float(),
-                       kt_pts.transpose(1, 2).reshape(B * M, K, 3).float(), reduction="none").view(B, M)
+        return loss_fn(at_least_float32(pred_pts.transpose(1, 2).reshape(B * M, K, 3)),
+                       at_least_float32(kt_pts.transpose(1, 2).reshape(B * M, K, 3)), reduction="none").view(B, M)
 
 
 @MODELS.register("PointMAE", "Point_MAE")
@@ -284,8 +284,8 @@ class PointMAE(MaskedAutoencoder):
     def reconstruct_masked(self, groups: Patches, mask: torch.Tensor, encoded: torch.Tensor):
         B, M, K = mask.shape[0], int(mask[0].sum()), self.group_size
         f_hat = self.decode_masked(groups, mask, encoded)
-        pred = self.reconstruct(f_hat).reshape(B * M, K, 3).float()
-        target = groups.neighborhood[mask].view(B * M, K, 3).float()
+        pred = at_least_float32(self.reconstruct(f_hat).reshape(B * M, K, 3))
+        target = at_least_float32(groups.neighborhood[mask].view(B * M, K, 3))
         return f_hat, self.loss_fn(pred, target, reduction="none").view(B, M)
 
     def decoder_spec(self) -> dict[str, float]:
@@ -325,6 +325,6 @@ class PointMAE(MaskedAutoencoder):
         pred = self.reconstruct(decoded)
         B = points.shape[0]
         target = p.neighborhood[mask].view(B, n_mask, self.group_size, 3)
-        loss = self.loss_fn(pred.reshape(-1, self.group_size, 3).float(),
-                            target.reshape(-1, self.group_size, 3).float())
+        loss = self.loss_fn(at_least_float32(pred.reshape(-1, self.group_size, 3)),
+                            at_least_float32(target.reshape(-1, self.group_size, 3)))
         return {"loss": loss, f"chamfer_{'l2' if self.loss_fn is chamfer_l2 else 'l1'}": loss.detach()}

@@ -115,7 +115,7 @@ class PointMAESegmentation(SegmentationModel):
         """(B, N, 3) points, (B,) categories -> (B, N, num_parts) part logits."""
         self._check_points(points)
         B, N, _ = points.shape
-        onehot = category_one_hot(category.to(points.device), self.num_categories)
+        onehot = category_one_hot(category.to(points.device), self.num_categories, points.dtype)
         center, f = self.patch_features(points)
         glob = torch.cat([f.amax(1), f.mean(1), self.label_conv(onehot.unsqueeze(-1)).squeeze(-1)], dim=-1)
         per_point = self.propagation_0(points, center, points, f)                 # (B, fp, N)

@@ -71,11 +71,12 @@ class FeaturePropagation(nn.Module):
         return x
 
 
-def category_one_hot(category: torch.Tensor, num_categories: int) -> torch.Tensor:
-    """(B,) category indices -> (B, num_categories) float one-hot."""
+def category_one_hot(category: torch.Tensor, num_categories: int, dtype: torch.dtype = torch.float32
+                     ) -> torch.Tensor:
+    """(B,) category indices -> (B, num_categories) one-hot of ``dtype`` (the model's: float64 in a float64 model)."""
     category = category.reshape(-1).long()
     if category.numel() and (int(category.min()) < 0 or int(category.max()) >= num_categories):
         raise DataError(f"object categories span [{int(category.min())}, {int(category.max())}] but the "
                         f"segmentation model has num_categories={num_categories} (check model.num_categories "
                         f"against the data set)")
-    return F.one_hot(category, num_categories).float()
+    return F.one_hot(category, num_categories).to(dtype)

@@ -51,10 +51,6 @@ ENTRY_POINTS: dict[str, dict] = {
 }
 # entry points that are run as --help even on the generated data (hours of runs)
 HELP_ONLY = {"tools/compare_masking.py"}
-# configs the docs name that another branch adds (docs/README.md "Point-M2AE"); their commands are skipped
-# while the file is missing, and test_awaited_configs_are_still_missing fails once they exist.
-AWAITED_CONFIGS = {"cfgs/finetune/quickstart_m2ae_cls.yaml", "cfgs/finetune/quickstart_m2ae_fewshot.yaml",
-                   "cfgs/segmentation/quickstart_m2ae_seg.yaml"}
 
 TINY_TRAIN, TINY_TEST = 3, 3     # shapes per class (3: the SVM's 3-fold cross-validation of C; 48 test shapes)
 REFUSAL = re.compile(r"already (holds|contains|has) a run|already exists", re.I)
@@ -232,9 +228,6 @@ def plan(cmd: Command, root: Path) -> Command:
     assert (root / script).is_file(), f"{cmd.page}:{cmd.line}: {script} does not exist"
     cmd.entry = script
     config = _flag_value(args, "--config")
-    if config in AWAITED_CONFIGS and not (root / config).is_file():
-        cmd.mode, cmd.why = "skip", f"{config} arrives with another branch"
-        return cmd
     if config is not None and not _PLACEHOLDER.search(config):
         assert (root / config).is_file(), f"{cmd.page}:{cmd.line}: config {config} does not exist"
     spec = ENTRY_POINTS.get(script)
@@ -324,8 +317,7 @@ def walk(root: Path, pages: list[tuple[str, str]], min_runs: int = 0) -> tuple[l
             continue
         for a in _entry_of(c.argv)[1]:
             path = a.split("=", 1)[-1]
-            if path.startswith("cfgs/") and not _PLACEHOLDER.search(path) and not (root / path).is_file() \
-                    and path not in AWAITED_CONFIGS:
+            if path.startswith("cfgs/") and not _PLACEHOLDER.search(path) and not (root / path).is_file():
                 problems.append(f"{c.page}:{c.line}: `{c.text}`: {path} does not exist")
         text = texts[(c.entry, tuple(_subcommand(_entry_of(c.argv)[1])))]
         for a in _entry_of(c.argv)[1]:
@@ -434,12 +426,6 @@ def test_tiny_overrides_are_accepted_by_the_config_they_shrink():
 def test_unknown_commands_in_a_bash_block_are_an_error():
     with pytest.raises(AssertionError, match="does not know how to run"):
         plan(parse_commands([("P.md", "```bash\nmake everything\n```\n")])[0], ROOT)
-
-
-def test_awaited_configs_are_still_missing():
-    present = sorted(c for c in AWAITED_CONFIGS if (ROOT / c).is_file())
-    assert not present, (f"{present} exist now: remove them from AWAITED_CONFIGS in "
-                         f"tests/test_walkthrough.py so that the walkthrough runs their commands")
 
 
 def test_inline_commands_are_found_outside_fences_and_comments():

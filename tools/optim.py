@@ -1,4 +1,4 @@
-"""Optimizer parameter groups and the per-iteration learning-rate schedule (plain functions)."""
+"""Optimizer parameter groups and the learning-rate schedules (plain functions)."""
 
 from __future__ import annotations
 
@@ -69,12 +69,36 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Opt
     raise ConfigError(f"optimizer.type: unknown optimizer '{kind}'; expected AdamW, Adam or SGD")
 
 
-def lr_at(epoch_float: float, base_lr: float, sched: Mapping[str, Any]) -> float:
-    """Learning rate at a fractional epoch: linear warm-up, then half-cosine to ``min_lr``.
+CURVES = ("mae", "timm")
 
-    ``scheduler: {type: CosLR, kwargs: {epochs, initial_epochs, min_lr, warmup_lr_init}}`` keeps the
-    official keys but is evaluated every iteration (no one-epoch lag, no extra epoch), like MAE's
-    ``lr_sched``; ``type: constant`` keeps ``base_lr``.
+
+def timm_cosine_lr(t: float, base_lr: float, epochs: float, warmup: float, min_lr: float,
+                   warmup_init: float) -> float:
+    """timm 0.4.5 ``CosineLRScheduler`` (one cycle, ``warmup_prefix=False``) at step ``t``.
+
+    The cosine runs over ``t / epochs`` from step 0 (not from the end of the warm-up); the linear
+    warm-up from ``warmup_init`` only replaces its first ``warmup`` steps; from ``epochs`` on the rate
+    is ``min_lr``. At step 150 of 300 (warm-up 10) this is exactly half-way: ``min_lr + (base - min_lr) / 2``.
+    """
+    if t < warmup:
+        return warmup_init + t * (base_lr - warmup_init) / warmup
+    if t >= epochs:
+        return min_lr
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * t / epochs))
+
+
+def lr_at(epoch_float: float, base_lr: float, sched: Mapping[str, Any]) -> float:
+    """Learning rate at a fractional epoch (``epoch + iteration / iterations_per_epoch``).
+
+    ``scheduler: {type: CosLR, kwargs: {epochs, initial_epochs, min_lr, warmup_lr_init, curve}}`` keeps
+    the official keys; ``curve`` picks the shape (``type: constant`` keeps ``base_lr``):
+
+    * ``mae`` (default): evaluated every iteration, linear warm-up over ``initial_epochs``, then a
+      half-cosine over the remaining ``epochs - initial_epochs`` down to ``min_lr`` (MAE's / HPM's
+      ``lr_sched``, which GeoMask3D's own pre-training uses).
+    * ``timm``: the official Point-MAE / Point-M2AE runner: timm 0.4.5's cosine over ``epochs`` from
+      epoch 0 (:func:`timm_cosine_lr`), stepped once per epoch at the end of the epoch, so epoch
+      ``e >= 1`` trains at the rate of step ``e - 1`` and epoch 0 at ``warmup_lr_init``.
     """
     kind = sched.get("type", "CosLR")
     if kind == "constant":
@@ -86,6 +110,11 @@ def lr_at(epoch_float: float, base_lr: float, sched: Mapping[str, Any]) -> float
     warm = float(kw.get("initial_epochs", 10))
     min_lr = float(kw.get("min_lr", 1e-6))
     warm_init = float(kw.get("warmup_lr_init", 1e-6))
+    curve = kw.get("curve", "mae")
+    if curve == "timm":
+        return timm_cosine_lr(max(math.floor(epoch_float) - 1, 0), base_lr, total, warm, min_lr, warm_init)
+    if curve != "mae":
+        raise ConfigError(f"scheduler.kwargs.curve: unknown value '{curve}'; expected one of {', '.join(CURVES)}")
     if epoch_float < warm:
         return warm_init + (base_lr - warm_init) * epoch_float / warm
     progress = min(1.0, (epoch_float - warm) / max(total - warm, 1e-8))

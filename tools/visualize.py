@@ -8,12 +8,15 @@
 ``gc``: each shape's points coloured by the EMA teacher's GC score of the patch they belong to
 (nearest patch centre), one column pair per checkpoint (GC heat-map | the GM3D mask chosen at that
 epoch with a fixed seed: visible vs masked patches, the N_sel patches picked by score marked with
-``x``), one row per shape, one colour bar shared by every panel. GM3D checkpoints only.
+``x``), one row per shape, one colour bar shared by every panel. GM3D checkpoints only (Point-MAE +
+GM3D, or Point-M2AE + GM3D, whose scores and mask are at its coarsest scale).
 
 ``recon``: input cloud | visible patches | the student's reconstruction of the masked patches (predicted
 points in red, their patch centres in black, the visible patches in grey), any pre-training
-checkpoint (Point-MAE or GM3D; GM3D uses its own masker with the teacher's scores at the checkpoint's
-epoch).
+checkpoint (Point-MAE, Point-M2AE, or either with GM3D; GM3D uses its own masker with the teacher's
+scores at the checkpoint's epoch). Point-M2AE: the mask is counted at the coarsest scale, where it is
+drawn; the visible panel shows the finest-scale patches it leaves visible, the reconstruction the
+predicted points of every masked second-scale token (what the training loss compares).
 
 ``curves``: loss terms, N_sel, GC rank correlation, learning rate and linear-SVM accuracy against
 epoch, from a run's ``metrics.jsonl``; only the panels whose metric is present.
@@ -47,7 +50,7 @@ import logging
 import torch
 
 from tools.vis.curves import read_metrics, render_curves
-from tools.vis.forward import gc_state, recon_state
+from tools.vis.forward import gc_state, is_multiscale, recon_state
 from tools.vis.loading import NoGCDecoderError, load_checkpoint, load_shapes, run_checkpoints, thin
 from tools.vis.panels import View, render_gc, render_recon
 from utils.errors import CheckpointError, ConfigError, DataError
@@ -76,9 +79,9 @@ def cmd_gc(args) -> Path:
         if not ck.is_gm3d:
             raise NoGCDecoderError(
                 f"{p}: this checkpoint ({ck.model_name}, model.NAME={ck.config['model']['NAME']}) has no GC "
-                f"decoder; the gc view needs a Point-MAE + GeoMask3D checkpoint "
-                f"(model.NAME: Point_MAE_GM3D). "
-                f"Use `recon` or `curves` for plain Point-MAE runs.")
+                f"decoder; the gc view needs a GeoMask3D checkpoint "
+                f"(model.NAME: Point_MAE_GM3D or Point_M2AE_GM3D). "
+                f"Use `recon` or `curves` for plain Point-MAE / Point-M2AE runs.")
         cks.append(ck)
     cks.sort(key=lambda c: c.epoch)
     shapes = load_shapes(cks[-1].config, args.shapes, args.split, args.seed)
@@ -95,7 +98,8 @@ def cmd_recon(args) -> Path:
     shapes = load_shapes(ck.config, args.shapes, args.split, args.seed)
     states = [recon_state(ck, s.points, args.seed) for s in shapes]
     out = Path(args.out or Path(args.ckpt).parent / "vis" / "recon.png")
-    kind = f"GM3D variant {ck.variant}" if ck.is_gm3d else "Point-MAE"
+    backbone = "Point-M2AE" if is_multiscale(ck.model) else "Point-MAE"
+    kind = f"{backbone} + GM3D variant {ck.variant}" if ck.is_gm3d else backbone
     title = args.title or (f"{kind} reconstruction: {_run_label(ck.path.parent)}/{ck.path.name}, "
                            f"epoch {ck.epoch}")
     return render_recon(states, shapes, ck.epoch, out, panel=args.panel, dpi=args.dpi,
