@@ -31,8 +31,8 @@ mask tokens kept, kNN as a per-sample Python loop,
 per-sample numpy masks, a per-sample augmentation loop; for GM3D also the EMA teacher's unused
 reconstruction decoder, the grouping computed a second time for the teacher, the GC head as Conv1d
 then the channel mean, and the EMA update as a Python loop over the state dict (timm ``ModelEma``), and
-torch's default AdamW (for-loop on CPU, foreach on CUDA) where the project uses the fused kernel. The official CUDA kernels (FPS, Chamfer) have
-no CPU version; both sides use the project's ops for those.
+torch's default AdamW (for-loop on CPU, foreach on CUDA) where the project uses the fused kernel. The
+official CUDA kernels (FPS, Chamfer) have no CPU version; both sides use the project's ops for those.
 
 All steps of a precision run round-robin within every repeat, so a busy shared machine slows every
 row alike; still, on a shared 2-core CPU treat differences under ~1.2x as noise and re-run. On an
@@ -54,7 +54,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 import numpy as np
 import torch
 from torch import nn
@@ -73,6 +72,7 @@ from tools.pretrained import load_knowledge_teacher
 from utils.config import load_config
 from utils.misc import native_bf16
 
+REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = {
     "paper": "cfgs/pretrain/point_mae.yaml",
     "quickstart": "cfgs/pretrain/quickstart.yaml",
@@ -351,7 +351,7 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def step_flops(step: "Step") -> int:
+def step_flops(step: Step) -> int:
     """FLOPs of one training step of ``step`` (its compiled forward, if any, counted through the eager
     module: the same arithmetic, which the counter cannot see inside a compiled graph)."""
     forward, step.forward = step.forward, step.model

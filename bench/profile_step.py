@@ -4,10 +4,12 @@
                                  [--batch 32] [--threads T] [--repeats 2] [--precision fp32|bf16] [--ops]
 
 The step is :class:`bench.pretrain_step.Step` on cfgs/pretrain/point_mae_gm3d.yaml (variant C, 12-block
-GC decoder) at epoch 200 of 400, fp32 (or bf16 autocast with ``--precision bf16``), with the official semantics (every patch embedded) unless
+GC decoder) at epoch 200 of 400, fp32 (or bf16 autocast with ``--precision bf16``), with the official
+semantics (every patch embedded) unless
 ``--embed-visible-only``; ``--formulation official`` times the bench's official-formulation baseline.
 Each piece is timed inclusively (an indented row is part of the unindented row above it); the share
-is of the median step; what no row names (masking, losses, zero_grad, the augmentation) is the rest. ``--ops`` adds torch.profiler's table of the most expensive ops of one more step.
+is of the median step; what no row names (masking, losses, zero_grad, the augmentation) is the rest.
+``--ops`` adds torch.profiler's table of the most expensive ops of one more step.
 """
 
 from __future__ import annotations

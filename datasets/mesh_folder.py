@@ -152,7 +152,7 @@ def check_mesh_header(path: str) -> None:
             elif words[:1] == ["property"] and element is not None:
                 kind = words[2] if words[1] == "list" and len(words) > 2 else words[1]
                 element[2] += _PLY_SIZES.get(kind, 1)
-        for name, count, width in claims:
+        for _name, count, width in claims:
             need += count * (width if binary else 2)  # ASCII: at least one value and a newline
         if need > body:
             said = ", ".join(f"{count} '{name}'" for name, count, _ in claims) + " elements"

@@ -119,7 +119,7 @@ class MaskedAutoencoder(TrainHooks, nn.Module):
         return self.PARAMS_WITHOUT_GRAD
 
     def build_knowledge_teacher(self, teacher_model: dict | None = None, with_decoder: bool = False
-                                ) -> "EncoderTeacher":
+                                ) -> EncoderTeacher:
         """A frozen, weightless copy of this backbone's encoder (its weights come from a checkpoint
         through the adapter, outside the model). ``teacher_model`` overrides the architecture;
         ``with_decoder`` adds the pre-training decoder and point head (GM3D variant B)."""
@@ -137,7 +137,7 @@ class EncoderTeacher(nn.Module):
         super().__init__()
         self.loaded = False
 
-    def freeze(self) -> "EncoderTeacher":
+    def freeze(self) -> EncoderTeacher:
         self.requires_grad_(False)
         return self.train(False)
 

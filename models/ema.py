@@ -88,7 +88,7 @@ class ModelEMAConfig:
     bn: Literal["average", "copy"] = "average"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, where: str = "model_ema") -> "ModelEMAConfig":
+    def from_dict(cls, d: dict[str, Any] | None, where: str = "model_ema") -> ModelEMAConfig:
         d = dict(d or {})
         check_kwargs(cls, d, where)
         cfg = cls(**d)

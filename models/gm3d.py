@@ -111,7 +111,7 @@ class GM3DConfig:
     official_init: bool = False
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, where: str = "model.gm3d") -> "GM3DConfig":
+    def from_dict(cls, d: dict[str, Any] | None, where: str = "model.gm3d") -> GM3DConfig:
         d = dict(d or {})
         moved = [k for k in ("alpha_max", "curriculum") if k in d]
         if moved:

@@ -27,7 +27,6 @@ reconstructs, for every masked token of the second scale, ``group_sizes[0]`` poi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,12 +81,12 @@ class M2AEConfig:
     decoder_up_blocks: list[int] = field(default_factory=lambda: [1, 1])
 
     @classmethod
-    def from_args(cls, where: str = "model", decoder: bool = True, **kwargs) -> "M2AEConfig":
+    def from_args(cls, where: str = "model", decoder: bool = True, **kwargs) -> M2AEConfig:
         """A validated config from a model's constructor arguments (None = the official default)."""
         given = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in kwargs.items() if v is not None}
         return cls(**given).validate(where, decoder)
 
-    def validate(self, where: str = "model", decoder: bool = True) -> "M2AEConfig":
+    def validate(self, where: str = "model", decoder: bool = True) -> M2AEConfig:
         S = len(self.num_groups)
         for name in ("group_sizes", "encoder_depths", "encoder_dims", "local_radius"):
             if len(getattr(self, name)) != S:
@@ -598,7 +597,7 @@ class PointM2AE(MaskedAutoencoder):
         return {"num_heads": self.cfg.num_heads, "drop_path_rate": self.cfg.drop_path_rate}
 
     def build_knowledge_teacher(self, teacher_model: dict | None = None,
-                                with_decoder: bool = False) -> "PointM2AETeacher":
+                                with_decoder: bool = False) -> PointM2AETeacher:
         if with_decoder:
             raise ConfigError("model.gm3d.variant B needs a knowledge teacher with a decoder and point head, "
                               "which the Point-M2AE teacher does not have (use variant C)")

@@ -54,7 +54,7 @@ def test_ema_warmup_formula_counts_updates_and_is_saved():
     m = gm3d("A", ema_warmup=True, ema_decay_start=0.99, ema_decay_end=0.99)
     m.on_epoch_start(0, 6)
     seen = []
-    for n in range(3):
+    for _ in range(3):
         seen.append(m.current_ema_decay())
         m.after_step()
     assert seen == pytest.approx([1 / 10, 2 / 11, 3 / 12])

@@ -53,7 +53,8 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.py)

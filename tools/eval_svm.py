@@ -24,7 +24,8 @@ folder instead (layout detected and printed).
 
 Small test splits: every accuracy is printed with its count of test items and a 95 % Wilson interval;
 ``--repeats K`` re-samples the clouds K times (repeat ``r`` with seed ``--seed + r``, printed beside it;
-``--seed S --repeats 1`` reproduces that line) and prints each accuracy, mean ± std (ddof=1) and a 95 % t-interval; ``--kfold K`` adds a pooled stratified K-fold
+``--seed S --repeats 1`` reproduces that line) and prints each accuracy, mean ± std (ddof=1) and a 95 %
+t-interval; ``--kfold K`` adds a pooled stratified K-fold
 estimate over train + test::
 
     python tools/eval_svm.py --config cfgs/pretrain/quickstart.yaml --ckpt CKPT --repeats 5
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         record = {"svm_acc": acc, "svm_C": ev.C, "n_train": len(train_set), "n_test": n_test,
                   "checkpoint": args.ckpt, "source": args.source, "layout": layout,
-                  "repeats": [r["acc"] for r in runs], "repeat_seeds": [r["seed"] for r in runs], "kfold_acc": kfold["acc"] if kfold else None}
+                  "repeats": [r["acc"] for r in runs], "repeat_seeds": [r["seed"] for r in runs],
+                  "kfold_acc": kfold["acc"] if kfold else None}
         atomic_write(Path(args.json), lambda f: f.write(json.dumps(record, indent=1) + "\n"), binary=False)
     return 0
 

@@ -4,7 +4,8 @@ Per fold the classifier is fine-tuned from the same initialisation (the pre-trai
 seeded random init with ``--scratch``) on the fold's ``way x shot`` support shapes and tested on its
 ``way x query`` query shapes every ``finetune.eval_every`` epochs; the last-epoch and the best-epoch
 (test-selected, the official protocol) accuracies are kept. A setting reports mean ± std (sample std,
-ddof=1, ``tools/stats.py``) and a 95 % t-interval over its folds, and the query count per fold; the table goes to ``<run>/fewshot.md`` and ``<run>/fewshot.json``.
+ddof=1, ``tools/stats.py``) and a 95 % t-interval over its folds, and the query count per fold; the table
+goes to ``<run>/fewshot.md`` and ``<run>/fewshot.json``.
 
 Episodes:
 

@@ -119,7 +119,7 @@ class EncoderFeatures(nn.Module):
         self.encoder = PointMAEEncoder(trans_dim, trans_dim, depth, num_heads, 0.0, embed_visible_only=False)
 
     @classmethod
-    def from_model_cfg(cls, model_cfg, npoints: int | None = None) -> "EncoderFeatures":
+    def from_model_cfg(cls, model_cfg, npoints: int | None = None) -> EncoderFeatures:
         """From a config ``model`` section: pre-training (``transformer_config``) or fine-tune (flat keys)."""
         tc = model_cfg.get("transformer_config") or model_cfg
         return cls(int(tc.get("trans_dim", 384)), int(tc.get("depth", 12)), int(tc.get("num_heads", 6)),

@@ -34,7 +34,8 @@ Rules:
   constructors check them when they are built; the section itself must still be a mapping when its
   default is one. Every problem found is reported in one :class:`~utils.errors.ConfigError`.
 * Ranges and enums: the defaults file may hold a top-level ``_rules_`` mapping, nested like the config,
-  whose leaves are rules (the mapping is removed from the config). A rule is ``">= 1"``, ``"> 0"``, ``"<= 8"``, ``"< 1"``, an interval
+  whose leaves are rules (the mapping is removed from the config). A rule is ``">= 1"``, ``"> 0"``,
+  ``"<= 8"``, ``"< 1"``, an interval
   ``"in (0, 1)"`` / ``"in [0, 1]"`` (round brackets exclude the end), or ``"one of fp32, bf16, fp16"``;
   ``" | null"`` at the end also accepts null. A rule applies to a key wherever it is set, free-form
   sections included (``model.transformer_config.mask_ratio``); an absent key is not checked. A value
@@ -152,7 +153,8 @@ class Config(dict):
     """A nested dict with attribute access and provenance.
 
     Nested mappings are stored as Config too (so ``cfg.model.transformer_config.mask_ratio`` works);
-    assigning a mapping stores a Config copy of it. A key assigned in code has no recorded source. Keys that collide with dict methods (``items``,
+    assigning a mapping stores a Config copy of it. A key assigned in code has no recorded source. Keys
+    that collide with dict methods (``items``,
     ``get``, ``copy``, ...) need item access. :meth:`to_dict` gives plain dicts and lists, for saving,
     pickling into checkpoints and :meth:`utils.registry.Registry.build`. A Config pickles and deep-copies
     with its provenance.

@@ -21,7 +21,8 @@ import inspect
 import typing
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
+from collections.abc import Callable
 
 from utils.errors import ConfigError
 
@@ -104,7 +105,7 @@ class Registry:
         def deco(obj: Callable) -> Callable:
             for key in (name or obj.__name__, *aliases):
                 if key in self._items and self._items[key] is not obj:
-                    warnings.warn(f"{self.name} registry: '{key}' re-registered, the later one wins")
+                    warnings.warn(f"{self.name} registry: '{key}' re-registered, the later one wins", stacklevel=2)
                 self._items[key] = obj
             return obj
 

@@ -355,7 +355,7 @@ class Probe:
     indices: list[int]
 
     @classmethod
-    def from_dataset(cls, dataset, k: int | None) -> "Probe":
+    def from_dataset(cls, dataset, k: int | None) -> Probe:
         idx = probe_indices(len(dataset), k)
         pts = [torch.as_tensor(dataset[i]["points"], dtype=torch.float32)[:, :3] for i in idx]
         return cls(torch.stack(pts), idx)

@@ -163,8 +163,8 @@ def _scatter(ax, view: View, pts: np.ndarray, color, size: float, **kw) -> None:
 def _panel_title(ax, text: str, fontsize: float = 8.5) -> None:
     """The title in the strip above the panel (placed by figure coordinates: a 3-D axes' own title
     sits inside its box, over the points)."""
-    l, b, w, h = ax.get_position().bounds
-    ax.figure.text(l + w / 2, b + h + 0.04 / ax.figure.get_figheight(), text, ha="center", va="bottom",
+    left, b, w, h = ax.get_position().bounds
+    ax.figure.text(left + w / 2, b + h + 0.04 / ax.figure.get_figheight(), text, ha="center", va="bottom",
                    fontsize=fontsize, linespacing=1.25)
 
 
