@@ -341,6 +341,16 @@ def check_points(points: Any, source: str, item_axes: tuple[str, ...] = ("point"
     return cast
 
 
+def point_count_mismatch(clouds: list, n_points: int | None) -> tuple[int, str] | None:
+    """Where ``clouds`` do not all hold ``n_points`` points: the first other entry's index and a summary
+    ("3 with 32, 1 with 64") of the clouds by point count; None when every cloud matches (or no count)."""
+    sizes = sorted({len(c) for c in clouds})
+    if n_points is None or not sizes or sizes == [n_points]:
+        return None
+    first = next(i for i, c in enumerate(clouds) if len(c) != n_points)
+    return first, ", ".join(f"{sum(len(c) == k for c in clouds)} with {k}" for k in sizes)
+
+
 def check_cloud(points: Any, source: str, min_points: int = 1, min_columns: int = 3) -> np.ndarray:
     """Check that ``points`` is a (N, C) array with N >= ``min_points`` and C >= ``min_columns`` whose
     values pass :func:`check_points`; return it as float32."""
@@ -826,10 +836,9 @@ def load_cloud_cache(
     if len(points) != len(labels):
         raise DataError(f"'{path}': {len(points)} point clouds but {len(labels)} labels")
     clouds = [check_cloud(cloud, f"'{path}' entry {i}", 1, min_columns) for i, cloud in enumerate(points)]
-    sizes = sorted({len(c) for c in clouds})
-    if n_points is not None and sizes and sizes != [n_points]:
-        first = next(i for i, c in enumerate(clouds) if len(c) != n_points)
-        held = ", ".join(f"{sum(len(c) == k for c in clouds)} with {k}" for k in sizes)
+    mismatch = point_count_mismatch(clouds, n_points)
+    if mismatch:
+        first, held = mismatch
         raise DataError(
             f"'{path}': its name says {n_points} points per cloud, but entry {first} has {len(clouds[first])} "
             f"(clouds by point count: {held}); rebuild it (prepare_data.py modelnet-cache / mesh-folder "

@@ -23,6 +23,7 @@ from datasets.io import (
     atomic_pickle_dump,
     check_cloud,
     check_labels,
+    point_count_mismatch,
     item_rng,
     load_cloud_cache,
     register_layout,
@@ -168,14 +169,13 @@ def _read_episode(
         labels.append(label)
         originals.append(original)
     check_labels(originals, num_category, f"'{path}' original classes")
-    sizes = sorted({len(c) for c in clouds})
-    if n_points is not None and sizes != [n_points]:
-        first = next(i for i, c in enumerate(clouds) if len(c) != n_points)
-        held = ", ".join(f"{sum(len(c) == k for c in clouds)} with {k}" for k in sizes)
+    mismatch = point_count_mismatch(clouds, n_points)
+    if mismatch:
+        first, held = mismatch
         raise DataError(
             f"'{path}': {subset}[{first}] has {len(clouds[first])} points but N_POINTS is {n_points} (clouds by "
             f"point count: {held}); set N_POINTS to the count the file holds, or npoints to at most "
-            f"{sizes[0]} to take that many of each"
+            f"{min(len(c) for c in clouds)} to take that many of each"
         )
     return clouds, check_labels(labels, way, f"'{path}' {subset} labels")
 
