@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datasets.synthetic.dataset import SyntheticShapes  # noqa: E402
-from models import build_model  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from datasets.synthetic.dataset import SyntheticShapes
+from models import build_model
+from utils.config import load_config
 
 SETTINGS = {"fixed": (False, False), "official_padding": (True, False), "official_index0": (False, True),
             "official": (True, True)}
