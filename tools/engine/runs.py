@@ -308,16 +308,18 @@ LOCK_FILE = ".lock"
 _HELD_LOCKS: dict[str, Any] = {}
 
 
-def lock_run_folder(folder: Path) -> None:
-    """Hold an exclusive ``fcntl.flock`` on ``folder/.lock`` until this process exits.
+def lock_run_folder(folder: Path, name: str = LOCK_FILE) -> Any:
+    """Hold an exclusive ``fcntl.flock`` on ``folder/name`` (default ``.lock``) until this process exits,
+    and return the open lock file (a child process that inherits its descriptor keeps the lock).
 
     A second process asking for the same folder gets a ConfigError at once, naming the folder and the
-    pid recorded by the holder. Taking it again in the process that holds it is a no-op.
+    pid recorded by the holder. Taking it again in the process that holds it is a no-op. The job runner
+    (tools/launch) holds ``.job.lock`` around the entry point it starts, which takes ``.lock`` itself.
     """
-    key = str(folder.resolve())
+    path = folder / name
+    key = str(path.resolve())
     if key in _HELD_LOCKS:
-        return
-    path = folder / LOCK_FILE
+        return _HELD_LOCKS[key]
     fh = open(path, "a+")
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -332,11 +334,12 @@ def lock_run_folder(folder: Path) -> None:
     fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     fh.flush()
     _HELD_LOCKS[key] = fh
+    return fh
 
 
-def release_run_folder(folder: Path) -> None:
+def release_run_folder(folder: Path, name: str = LOCK_FILE) -> None:
     """Release the lock :func:`lock_run_folder` took (process exit releases it too)."""
-    fh = _HELD_LOCKS.pop(str(Path(folder).resolve()), None)
+    fh = _HELD_LOCKS.pop(str((Path(folder) / name).resolve()), None)
     if fh is not None:
         fh.close()
 
