@@ -23,7 +23,7 @@ if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from tools.cli import OVERRIDES_HELP, add_data_args, add_init_args, check_init_args, parse_with_overrides
+    from tools.engine.cli import OVERRIDES_HELP, add_data_args, add_init_args, check_init_args, parse_with_overrides
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="fine-tuning YAML, e.g. cfgs/finetune/modelnet40.yaml")
@@ -53,22 +53,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tools.runs import run_cli
+    from tools.engine.runs import run_cli
 
     def job():
         if args.data:
-            from tools.cli import data_overrides
+            from tools.engine.cli import data_overrides
 
             args.opts = data_overrides(args.data, "finetune", args.config, args.opts, args.data_points,
                                        fewshot=args.fewshot)
         if args.fewshot:
-            from tools.fewshot import run_fewshot
+            from tools.tasks.fewshot import run_fewshot
 
             run_fewshot(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, ckpt=args.finetune,
                         scratch=args.scratch, way=args.way, shot=args.shot, fold=args.fold,
                         accept_config_change=args.accept_config_change)
         else:
-            from tools.finetune import run_finetune
+            from tools.tasks.finetune import run_finetune
 
             run_finetune(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, ckpt=args.finetune,
                          scratch=args.scratch, test=args.test, vote=args.vote, resume=args.resume,

@@ -14,8 +14,9 @@ if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.p
 
     apply_wait_policy()
 
-from tools.cli import OVERRIDES_HELP, add_data_args, data_overrides, parse_with_overrides  # noqa: E402
-from tools.runs import run_cli, run_pretrain  # noqa: E402
+from tools.engine.cli import OVERRIDES_HELP, add_data_args, data_overrides, parse_with_overrides  # noqa: E402
+from tools.engine.runs import run_cli  # noqa: E402
+from tools.tasks.pretrain import run_pretrain  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

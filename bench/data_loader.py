@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from bench.pretrain_step import machine  # noqa: E402
 from datasets import DATASETS  # noqa: E402
 from datasets.shapenet55 import pack_shapenet  # noqa: E402
-from tools.engine import _collate_points  # noqa: E402
+from tools.engine.trainer import collate_points  # noqa: E402
 
 OFFICIAL_TRAIN = 41_952
 SYNSETS = ("02691156", "02747177", "02773838", "02801938", "02808440")
@@ -69,7 +69,7 @@ def one_pass(dataset, batch: int, epoch: int) -> float:
     """Seconds to read every item once through a DataLoader like the engine's (num_workers=0)."""
     dataset.set_epoch(epoch)
     loader = DataLoader(dataset, batch_size=batch, sampler=RandomSampler(dataset, generator=torch.Generator()
-                        .manual_seed(epoch)), num_workers=0, collate_fn=_collate_points, drop_last=False)
+                        .manual_seed(epoch)), num_workers=0, collate_fn=collate_points, drop_last=False)
     t0 = time.perf_counter()
     n = 0
     for b in loader:

@@ -36,7 +36,7 @@ ARMS = {
 
 def main(argv: list[str] | None = None) -> int:
     from utils.misc import cpu_name
-    from tools.builders import build_model_from_cfg
+    from tools.engine.builders import build_model_from_cfg
     from utils.config import load_config
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

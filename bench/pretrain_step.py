@@ -9,7 +9,7 @@ Each row also reports samples/s, the projected wall-clock of the paper recipe (P
 epochs, GM3D 400, of 41,952 ShapeNet-55 shapes) and, on CUDA, the peak memory of its step.
 
 One step is what the training engine does per iteration: the batch augmentation, the forward under
-autocast (``tools.engine.autocast_context``), backward, gradient clipping when the config sets
+autocast (``tools.engine.trainer.autocast_context``), backward, gradient clipping when the config sets
 ``grad_norm_clip`` (GM3D), AdamW step, ``zero_grad`` and, for GM3D, the EMA-teacher update.
 
 Rows, each at fp32 and at bf16 autocast (bf16 by default only where it is native: a GPU, or a CPU
@@ -65,10 +65,10 @@ from models import build_model
 from models.gm3d import GCHead, PointMAEGM3D
 from models.layers import Attention, PatchEmbed, TransformerDecoder
 from models.point_mae import PointMAE
-from tools import checkpoint as ckpt_io
-from tools.engine import autocast_context, compile_forward, hooks_of
-from tools.optim import build_optimizer
-from tools.pretrained import load_knowledge_teacher
+from tools.engine import checkpoint as ckpt_io
+from tools.engine.trainer import autocast_context, compile_forward, hooks_of
+from tools.engine.optim import build_optimizer
+from tools.engine.builders import load_knowledge_teacher
 from utils.config import load_config
 from utils.misc import native_bf16
 

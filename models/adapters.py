@@ -3,7 +3,7 @@
 An adapter turns the weights of any checkpoint layout it knows (the official releases and this project's
 runs) into the key names of one of its architecture's models, and says exactly which keys of that model
 the checkpoint does not provide. Adapters work on loaded dictionaries only: reading files is the job of
-``tools/pretrained.py``. ``ADAPTERS.get(model.ARCH)`` finds a model's adapter.
+``tools/tasks/pretrained.py``. ``ADAPTERS.get(model.ARCH)`` finds a model's adapter.
 
 Point-MAE (``ARCH = "point_mae"``), the layouts recognised after removing ``module.`` / ``base_model.``
 prefixes:
@@ -58,7 +58,7 @@ class CheckpointAdapter:
     """Base class; an adapter maps checkpoint dictionaries onto its architecture's models.
 
     Subclasses implement :meth:`encoder_weights` (the canonical encoder state of any known layout) and
-    the ``*_keys`` / mapping methods used by the loaders in ``tools/pretrained.py``.
+    the ``*_keys`` / mapping methods used by the loaders in ``tools/tasks/pretrained.py``.
     """
 
     arch = ""

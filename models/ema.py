@@ -14,7 +14,7 @@ The pieces GM3D's EMA teacher uses too live here, so that both averages follow o
 
 Which module is averaged: the model's :meth:`averaged_module` when it has one (a GM3D model averages its
 student, the plain backbone, so the averaged weights have the backbone's own pre-training keys), else the
-whole model. The engine (``tools/engine.py``) builds the EMA after moving the model to its device,
+whole model. The engine (``tools/engine/trainer.py``) builds the EMA after moving the model to its device,
 updates it after every ``every``-th optimizer step, saves it in the checkpoint under ``model_ema`` and
 scores its encoder with the linear SVM beside the student's.
 """

@@ -19,7 +19,7 @@ pre-training keys) plus the GC branch (official GM3D names ``MAE_decoder_loss_pr
 teacher under ``knowledge_teacher.``.
 
 The knowledge teacher's weights never come from a file here: the model builds a weightless teacher
-(or takes one passed in) and ``tools/builders.py`` loads ``gm3d.teacher_ckpt`` into it through the
+(or takes one passed in) and ``tools/engine/builders.py`` loads ``gm3d.teacher_ckpt`` into it through the
 backbone's checkpoint adapter (a run checkpoint carries the teacher's weights too).
 
 Variants (``gm3d.variant``): ``C`` (default, the paper's figure): student point head with Chamfer to
@@ -437,7 +437,7 @@ class GM3D(MaskedAutoencoder):
         kt = self.knowledge_teacher
         if kt is not None and not kt.loaded:
             raise CheckpointError(
-                "the knowledge teacher has no weights: build the model with tools.builders.build_model_from_cfg "
+                "the knowledge teacher has no weights: build the model with tools.engine.builders.build_model_from_cfg "
                 "(it loads model.gm3d.teacher_ckpt) or load a checkpoint that holds knowledge_teacher.* keys")
 
     def per_patch_terms(self, groups, mask: torch.Tensor, encoded):

@@ -24,7 +24,7 @@ if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.p
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="segmentation YAML, e.g. cfgs/segmentation/quickstart_seg.yaml")
-    from tools.cli import OVERRIDES_HELP, add_data_args, add_init_args, check_init_args, parse_with_overrides
+    from tools.engine.cli import OVERRIDES_HELP, add_data_args, add_init_args, check_init_args, parse_with_overrides
 
     add_init_args(p, "model", "only evaluate this segmentation checkpoint")
     p.add_argument("--vote", action="store_true", help="also report voting mIoU (finetune.votes votes)")
@@ -42,12 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from tools.runs import run_cli
-    from tools.segment import run_segmentation
+    from tools.engine.runs import run_cli
+    from tools.tasks.segment import run_segmentation
 
     def job():
         if args.data:
-            from tools.cli import data_overrides
+            from tools.engine.cli import data_overrides
 
             args.opts = data_overrides(args.data, "segment", args.config, args.opts, args.data_points)
         run_segmentation(args.config, args.opts, exp_name=args.exp_name, run_dir=args.run_dir, ckpt=args.finetune,

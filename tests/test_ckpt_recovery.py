@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import REPO, run_cli
 from tests.test_reliability import temps, train
-from tools import checkpoint as ckpt_io
+from tools.engine import checkpoint as ckpt_io
 from utils.errors import CheckpointError
 
 

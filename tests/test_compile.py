@@ -13,7 +13,7 @@ import torch
 from models.point_mae import PointMAE
 from tests.helpers import TINY_TC
 from tests.test_gm3d import gm3d, official_teacher_ckpt  # noqa: F401  (fixture)
-from tools.engine import Trainer, compile_forward
+from tools.engine.trainer import Trainer, compile_forward
 from utils.config import load_config
 from utils.errors import ConfigError
 

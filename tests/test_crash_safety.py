@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tools.runs  # noqa: F401
+import tools.engine.runs  # noqa: F401
 from tests.conftest import tiny_pretrain_cfg
 
 pytestmark = [pytest.mark.slow,
@@ -89,7 +89,7 @@ def _run(cfg_path: Path, run: Path, fault: dict | None = None, trace_file: Path 
         try:
             trace: list | None = [] if trace_file is not None else None
             _install_faults(fault, trace)
-            from tools.runs import run_pretrain
+            from tools.tasks.pretrain import run_pretrain
             run_pretrain(str(cfg_path), [], run_dir=str(run), resume=(run / "ckpt-last.pth").exists())
             if trace_file is not None:
                 trace_file.write_text(json.dumps(trace))
@@ -123,7 +123,7 @@ def _warm_imports() -> None:
     import sklearn.preprocessing  # noqa: F401
     import sklearn.svm  # noqa: F401
 
-    import tools.builders  # noqa: F401
+    import tools.engine.builders  # noqa: F401
     import tools.eval_svm  # noqa: F401
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # its first construction imports torch._dynamo
 

@@ -169,7 +169,7 @@ def _quickstart_block() -> str:
 def test_readme_quickstart_lines_are_what_the_runner_prints(tmp_path, capsys):
     """Parse the numbers of the README's block, hand them to the runner's own report and compare the
     text line by line: the format, the epoch labels and the Wilson interval must be the code's."""
-    from tools.runs import _report
+    from tools.tasks.pretrain import _report
 
     block = _quickstart_block()
     num = r"(\d+(?:\.\d+)?)"

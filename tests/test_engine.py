@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tests.conftest import REPO, run_cli, tiny_pretrain_cfg
-from tools.engine import NonFiniteLossError, Trainer
+from tools.engine.trainer import NonFiniteLossError, Trainer
 from utils.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -156,7 +156,7 @@ def test_gm3d_cli_with_periodic_gc_panel(tiny_config, tmp_path):
 def test_bf16_without_native_support_warns(tiny_config, tmp_path, monkeypatch, native):
     import logging
 
-    from tools import runs
+    from tools.engine import runs
 
     monkeypatch.setattr(runs, "native_bf16", lambda device: native)
     try:

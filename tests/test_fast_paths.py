@@ -17,8 +17,8 @@ from models.gm3d import GCHead, PointMAEGM3D
 from models.layers import PatchEmbed
 from models.point_mae import PointMAE
 from tests.helpers import TINY_TC
-from tools.pretrained import load_knowledge_teacher
-from tools.checkpoint import atomic_save
+from tools.engine.builders import load_knowledge_teacher
+from tools.engine.checkpoint import atomic_save
 
 
 def reference_patch_embed(pe: PatchEmbed, point_groups, keep=None):

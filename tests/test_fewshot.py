@@ -9,8 +9,8 @@ import pytest
 
 from datasets.io import safe_pickle_load
 from datasets.modelnet_fewshot import fewshot_path
-from tools.fewshot import episode_source, fewshot_table, fold_datasets, write_episodes
-from tools.stats import mean_std
+from tools.tasks.fewshot import episode_source, fewshot_table, fold_datasets, write_episodes
+from tools.tasks.stats import mean_std
 from utils.config import load_config
 from utils.errors import ConfigError
 

@@ -13,11 +13,11 @@ import torch
 
 from models.classifier import PointTransformer
 from models.adapters import PointMAEAdapter
-from tools.pretrained import load_finetuned, load_pretrained_encoder
+from tools.tasks.pretrained import load_finetuned, load_pretrained_encoder
 from models.point_mae import PointMAE
 from tests.helpers import TINY_TC, child_env, official_point_mae_keys
-from tools.checkpoint import CheckpointError, atomic_save
-from tools.finetune import (AccuracyEvaluator, TrainSampling, accuracy_metrics, default_point_all, fps_to,
+from tools.engine.checkpoint import CheckpointError, atomic_save
+from tools.tasks.finetune import (AccuracyEvaluator, TrainSampling, accuracy_metrics, default_point_all, fps_to,
                             predict_logits, vote_logits)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,7 +251,7 @@ def test_accuracy_metrics_and_evaluator():
 # ------------------------------------------------------------------------------------------ linear SVM
 def test_svm_tool_takes_an_official_checkpoint_and_any_dataset_section(tmp_path, capsys):
     from tools.eval_svm import main
-    from tools.svm import EncoderFeatures
+    from tools.tasks.svm import EncoderFeatures
 
     mae = tiny_mae(depth=1)
     fake_official_pretrain(tmp_path / "pretrain.pth", mae)
@@ -275,7 +275,7 @@ def test_svm_features_do_not_depend_on_the_global_rng():
     """The SVM train split draws its point subsets from (seed, epoch, index): the in-run evaluator and
     the standalone tool see the same features whatever the global RNG did before."""
     from datasets.synthetic import SyntheticShapes
-    from tools.svm import SVMEvaluator, extract_features
+    from tools.tasks.svm import SVMEvaluator, extract_features
 
     kw = dict(num_classes=3, samples_per_class=6, test_per_class=3, base_points=256, npoints=128)
     train, test = SyntheticShapes("train", **kw), SyntheticShapes("test", **kw)

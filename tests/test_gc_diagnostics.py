@@ -246,7 +246,8 @@ def test_probe_evaluator_metrics_and_multiscale_note(caplog):
 
 
 def test_probe_evaluator_logs_its_keys_in_a_tiny_gm3d_run(tiny_config, tmp_path):
-    from tools.runs import release_run_folder, run_pretrain
+    from tools.engine.runs import release_run_folder
+    from tools.tasks.pretrain import run_pretrain
 
     model = {**tiny_pretrain_cfg()["model"], "NAME": "Point_MAE_GM3D", "gm3d": {"gc_decoder_depth": 1}}
     cfg = tiny_config(model=model, max_epoch=1, vis={"probe_every": 1, "probe_shapes": 4},
@@ -279,7 +280,7 @@ def test_probe_every_is_range_checked(tiny_config):
 def test_gc_probe_cli_on_a_multiscale_checkpoint(tmp_path, capsys):
     from tests.test_point_m2ae import TINY, gm3d as m2ae_gm3d
     from tools import gc_probe
-    from tools.checkpoint import atomic_save
+    from tools.engine.checkpoint import atomic_save
 
     m = m2ae_gm3d(variant="A")
     data = {"NAME": "SyntheticShapes", "npoints": 256, "num_classes": 2, "samples_per_class": 2,

@@ -7,8 +7,8 @@ from models.gm3d import PointMAEGM3D
 from models.losses import gc_ranking_loss, normalized_mse, spearman_per_row
 from models.point_mae import PointMAE
 from tests.helpers import TINY_TC, assert_ema_update
-from tools.checkpoint import CheckpointError, atomic_save
-from tools.pretrained import load_knowledge_teacher
+from tools.engine.checkpoint import CheckpointError, atomic_save
+from tools.engine.builders import load_knowledge_teacher
 
 
 def _mae():
@@ -26,7 +26,7 @@ def official_teacher_ckpt(tmp_path):
 
 
 def gm3d(variant="C", teacher=None, alpha_max=0.5, **g):
-    """A tiny GM3D model built as tools.builders does: the model, then its teacher's weights from a file."""
+    """A tiny GM3D model built as tools.engine.builders does: the model, then its teacher's weights from a file."""
     torch.manual_seed(1)
     cfg = {"variant": variant, "gc_decoder_depth": 2, "teacher_ckpt": teacher, **g}
     m = PointMAEGM3D(group_size=8, num_group=16, transformer_config=TINY_TC, gm3d=cfg,

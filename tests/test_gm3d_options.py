@@ -207,7 +207,7 @@ def test_bad_option_values_name_the_key():
 
 
 def test_paper_configs_run_official_semantics():
-    from tools.builders import build_model_from_cfg
+    from tools.engine.builders import build_model_from_cfg
     from utils.config import load_config
 
     for name in ("point_mae", "point_mae_gm3d", "point_mae_gm3d_A", "point_mae_gm3d_B"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.test_reliability import Lin, NaNAt, cfg_of, data
-from tools.engine import CUDA_SYNC_EVERY, NonFiniteLossError, Trainer
+from tools.engine.trainer import CUDA_SYNC_EVERY, NonFiniteLossError, Trainer
 from utils.errors import ConfigError
 
 

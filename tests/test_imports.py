@@ -1,8 +1,10 @@
 """The import graph: layers only import downwards, no library module imports a command-line script, no circle.
 
-Layers, bottom to top: ``utils`` < ``extensions`` < ``models`` / ``datasets`` < ``tools`` (library) <
-command-line scripts (``main_*.py``, ``segmentation/main.py``, the ``tools/*.py`` files with a ``__main__``
-guard, ``bench/``). Every import statement counts, including the ones inside functions.
+Layers, bottom to top: ``utils`` < ``extensions`` < ``models`` / ``datasets`` < ``tools.engine`` (the training
+loop, recovery, optimiser, checkpoints, run set-up, builders) < ``tools.vis`` (figures and diagnostics; the
+pre-training wires its evaluators in) < ``tools.tasks`` (pre-training, fine-tuning, few-shot, segmentation,
+SVM) < ``tools.launch`` (the job runner) < command-line scripts (``main_*.py``, ``segmentation/main.py``, the
+``tools/*.py`` files with a ``__main__`` guard, ``bench/``). Every import statement counts, including the ones inside functions.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("utils", "extensions", "models", "datasets", "tools", "segmentation")
-RANK = {"utils": 0, "extensions": 1, "models": 2, "datasets": 2, "tools": 3, "segmentation": 4}
+RANK = {"utils": 0, "extensions": 1, "models": 2, "datasets": 2, "tools.engine": 3, "tools.vis": 4, "tools.tasks": 5,
+        "tools.launch": 6, "tools": 7, "segmentation": 8}
+"""Floors by name (the longest prefix decides): ``tools`` itself holds the command-line scripts, ``segmentation``
+the segmentation entry point."""
 
 
 def module_name(path: Path) -> str:
@@ -67,19 +72,52 @@ def graph():
     return mods, {m: imports_of(p, mods) - {m} for m, p in mods.items()}
 
 
+def floor(module: str) -> str | None:
+    """The layer of ``module``: the longest prefix of its dotted name listed in :data:`RANK`."""
+    parts = module.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in RANK:
+            return ".".join(parts[:i])
+    return None
+
+
+def test_every_floor_holds_modules(graph):
+    """The layer rule cannot pass vacuously: each floor of the library holds modules (``tools.launch`` once it
+    exists), and the engine and the tasks hold the modules they are named for."""
+    mods, _ = graph
+    floors = {f: sorted(m for m in mods if floor(m) == f) for f in RANK}
+    empty = [f for f, ms in floors.items() if not ms and f != "tools.launch"]
+    assert not empty, f"floors without modules: {empty}"
+    assert {"tools.engine.trainer", "tools.engine.recovery", "tools.engine.runs", "tools.engine.optim",
+            "tools.engine.checkpoint", "tools.engine.builders"} <= set(floors["tools.engine"])
+    assert {"tools.tasks.pretrain", "tools.tasks.finetune", "tools.tasks.fewshot", "tools.tasks.segment",
+            "tools.tasks.svm", "tools.tasks.common"} <= set(floors["tools.tasks"])
+    assert floor("tools.eval_svm") == "tools" and floor("main_pretrain") is None
+
+
 def test_layers_only_import_downwards(graph):
     mods, edges = graph
     bad = []
     for src, dsts in edges.items():
-        top = src.split(".")[0]
-        if top not in RANK:
+        top = floor(src)
+        if top is None:
             continue
         for dst in dsts:
-            dtop = dst.split(".")[0]
-            if dtop.startswith("main_") or (dtop in RANK and RANK[dtop] > RANK[top]):
+            dtop = floor(dst)
+            if dst.startswith("main_") or (dtop is not None and RANK[dtop] > RANK[top]):
                 bad.append(f"{src} imports {dst}")
-            if {top, dtop} == {"models", "datasets"} and top != dtop:
-                bad.append(f"{src} imports {dst} (models and datasets are peers)")
+            elif dtop is not None and dtop != top and RANK[dtop] == RANK[top]:
+                bad.append(f"{src} imports {dst} ({top} and {dtop} are peers)")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_the_engine_imports_no_task_and_the_tasks_no_launcher(graph):
+    """Spelled out, the two rules of the split: ``tools.engine`` imports nothing of ``tools.tasks``,
+    ``tools.vis`` or ``tools.launch``; ``tools.tasks`` nothing of ``tools.launch``."""
+    _, edges = graph
+    above = {"tools.engine": ("tools.tasks", "tools.vis", "tools.launch"), "tools.tasks": ("tools.launch",)}
+    bad = [f"{src} imports {dst}" for src, dsts in edges.items() for dst in dsts
+           if floor(src) in above and any(dst == f or dst.startswith(f + ".") for f in above[floor(src)])]
     assert not bad, "\n".join(sorted(bad))
 
 

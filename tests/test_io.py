@@ -46,7 +46,7 @@ def test_every_writer_goes_through_the_helper(tmp_path, monkeypatch):
     import utils.io
     from datasets import io as dio
     from datasets.synthetic import SyntheticShapes
-    from tools import checkpoint
+    from tools.engine import checkpoint
     from utils.config import Config, save_config
 
     seen = []

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tools.optim import lr_at, timm_cosine_lr
+from tools.engine.optim import lr_at, timm_cosine_lr
 from utils.errors import ConfigError
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from models import build_model
-from tools.checkpoint import atomic_save
-from tools.pretrained import load_pretrained_encoder
+from tools.engine.checkpoint import atomic_save
+from tools.tasks.pretrained import load_pretrained_encoder
 from utils.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

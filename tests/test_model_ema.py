@@ -17,8 +17,9 @@ from models.gm3d import PointMAEGM3D
 from models.point_mae import PointMAE
 from tests.conftest import REPO, run_cli
 from tests.helpers import TINY_TC
-from tools.checkpoint import atomic_save
-from tools.pretrained import load_knowledge_teacher, load_pretrained_encoder
+from tools.engine.checkpoint import atomic_save
+from tools.engine.builders import load_knowledge_teacher
+from tools.tasks.pretrained import load_pretrained_encoder
 from utils.errors import CheckpointError, ConfigError
 
 
@@ -225,8 +226,8 @@ def test_resume_without_model_ema_weights_is_one_clear_error(tiny_config, tmp_pa
 DDP_SCRIPT = textwrap.dedent("""
     import sys
     import torch
-    from tools.builders import build_model_from_cfg, build_split
-    from tools.engine import Trainer
+    from tools.engine.builders import build_model_from_cfg, build_split
+    from tools.engine.trainer import Trainer
     from utils import dist
     from utils.config import load_config
 

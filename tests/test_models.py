@@ -73,7 +73,7 @@ def test_extract_features_shape_and_determinism():
 def test_svm_C_selection_uses_train_features_only():
     import numpy as np
 
-    from tools.svm import linear_svm_accuracy, select_C
+    from tools.tasks.svm import linear_svm_accuracy, select_C
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 40)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tools.optim import build_optimizer, lr_at, param_groups
+from tools.engine.optim import build_optimizer, lr_at, param_groups
 from utils.errors import ConfigError
 
 

@@ -111,7 +111,7 @@ def test_class_count_mismatch_is_one_line_naming_the_key(folders, tmp_path):
 
 
 def test_config_defined_head_mismatch_is_an_error_not_info():
-    from tools.finetune import _check_classes
+    from tools.tasks.finetune import _check_classes
     from utils.errors import ConfigError
 
     class Head:
@@ -179,7 +179,7 @@ def test_cache_and_checkpoint_modes_follow_the_umask(tmp_path, umask):
     import torch
 
     from datasets.io import write_cloud_cache
-    from tools.checkpoint import atomic_save
+    from tools.engine.checkpoint import atomic_save
 
     old = os.umask(umask)
     try:
@@ -194,7 +194,7 @@ def test_cache_and_checkpoint_modes_follow_the_umask(tmp_path, umask):
 def test_intervals_against_direct_formulas():
     from scipy import stats as st
 
-    from tools.stats import mean_std, t_interval, wilson_interval
+    from tools.tasks.stats import mean_std, t_interval, wilson_interval
 
     lo, hi = wilson_interval(50.0, 87)
     # Wilson bounds solve |p - p_hat| = z sqrt(p (1 - p) / n)

@@ -15,8 +15,9 @@ from models import MODELS, build_model
 from models.point_m2ae import (PointM2AE, PointM2AEGM3D, StageBlocks, local_attention_bias, propagate_mask)
 from models.point_m2ae_cls import PointM2AEModelNet40, PointM2AEScanObjectNN, smooth_ce
 from tests.helpers import assert_ema_update, child_env
-from tools.checkpoint import CheckpointError, atomic_save
-from tools.pretrained import load_finetuned, load_knowledge_teacher, load_pretrained_encoder, load_start_checkpoint
+from tools.engine.checkpoint import CheckpointError, atomic_save
+from tools.engine.builders import load_knowledge_teacher
+from tools.tasks.pretrained import load_finetuned, load_pretrained_encoder, load_start_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(group_sizes=[8, 4, 4], num_groups=[32, 16, 8], encoder_depths=[1, 1, 1], encoder_dims=[24, 48, 96],

@@ -13,8 +13,8 @@ from models.point_m2ae_cls import PointM2AEModelNet40
 from models.point_m2ae_seg import PointM2AESegmentation
 from models.seg_common import three_nn_interpolate
 from tests.test_point_m2ae import BN, TINY, official_ckpt, official_m2ae_encoder_keys
-from tools.checkpoint import atomic_save
-from tools.pretrained import load_finetuned, load_pretrained_encoder
+from tools.engine.checkpoint import atomic_save
+from tools.tasks.pretrained import load_finetuned, load_pretrained_encoder
 from utils.errors import CheckpointError, ConfigError, DataError
 
 WB = ("weight", "bias")

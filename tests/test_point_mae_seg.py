@@ -13,8 +13,8 @@ from models.point_mae import PointMAE
 from models.point_mae_seg import PointMAESegmentation
 from models.seg_common import three_nn_interpolate
 from tests.helpers import TINY_TC, official_point_mae_keys
-from tools.checkpoint import atomic_save
-from tools.pretrained import load_finetuned, load_pretrained_encoder
+from tools.engine.checkpoint import atomic_save
+from tools.tasks.pretrained import load_finetuned, load_pretrained_encoder
 from utils.errors import CheckpointError, DataError
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

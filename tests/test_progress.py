@@ -9,9 +9,9 @@ import re
 import sys
 
 from tests.test_reliability import Lin, cfg_of, data
-from tools import progress
-from tools.engine import Trainer
-from tools.progress import EpochProgress
+from tools.engine import progress
+from tools.engine.trainer import Trainer
+from tools.engine.progress import EpochProgress
 
 
 class Terminal(io.StringIO):
@@ -34,12 +34,12 @@ def run(total: int, seconds_per_it: float, stream, caplog) -> list[str]:
     clock = Clock(seconds_per_it)
     bar = EpochProgress(total, "epoch 3", stream=stream, clock=clock)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="tools.progress"):
+    with caplog.at_level(logging.INFO, logger="tools.engine.progress"):
         for it in range(total):
             clock.tick()
             bar.update(**({"loss": f"{1.0 / (it + 1):.4g}"} if it % 5 == 0 else {}))
         bar.close()
-    return [r.getMessage() for r in caplog.records if r.name == "tools.progress"]
+    return [r.getMessage() for r in caplog.records if r.name == "tools.engine.progress"]
 
 
 def test_a_file_gets_a_line_per_tenth_and_no_carriage_returns(caplog):
@@ -73,14 +73,14 @@ def test_the_trainer_logs_lines_to_a_file_and_draws_the_bar_on_a_terminal(tmp_pa
     monkeypatch.setattr(progress, "MIN_INTERVAL_S", 0.0)  # a line per tenth even on this tiny epoch
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
-    with caplog.at_level(logging.INFO, logger="tools.progress"):
+    with caplog.at_level(logging.INFO, logger="tools.engine.progress"):
         train("file")
     assert err.getvalue() == ""
-    assert [r.getMessage().split(",")[0] for r in caplog.records if r.name == "tools.progress"] == \
+    assert [r.getMessage().split(",")[0] for r in caplog.records if r.name == "tools.engine.progress"] == \
         ["epoch 0: 1/4 it (25%)", "epoch 0: 2/4 it (50%)", "epoch 0: 3/4 it (75%)"]
     term = Terminal()
     monkeypatch.setattr(sys, "stderr", term)
     caplog.clear()
     train("tty")
     assert "\r" in term.getvalue() and "epoch 0" in term.getvalue()
-    assert not [r for r in caplog.records if r.name == "tools.progress"]
+    assert not [r for r in caplog.records if r.name == "tools.engine.progress"]

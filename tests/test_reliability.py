@@ -14,8 +14,9 @@ from torch import nn
 
 from models.base import TrainHooks
 from tests.conftest import REPO
-from tools import runs
-from tools.engine import NonFiniteLossError, Trainer
+from tools.engine import runs
+from tools.tasks import pretrain
+from tools.engine.trainer import NonFiniteLossError, Trainer
 from utils.config import load_config
 from utils.errors import CheckpointError, ConfigError
 
@@ -249,11 +250,11 @@ def test_bad_rule_syntax_is_reported(tmp_path):
 def test_pretrain_best_metric_must_be_one_pretraining_produces(value, ok):
     cfg = cfg_of(f"eval.best_metric={'null' if value is None else repr(value)}")
     if ok:
-        runs.check_pretrain_best_metric(cfg)
+        pretrain.check_pretrain_best_metric(cfg)
     else:
         with pytest.raises(ConfigError, match=rf"eval.best_metric = '{value}' is not a metric pre-training "
                                               r"produces; allowed: svm_acc or null"):
-            runs.check_pretrain_best_metric(cfg)
+            pretrain.check_pretrain_best_metric(cfg)
 
 
 @pytest.mark.parametrize("total_bs,message", [

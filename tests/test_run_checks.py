@@ -17,9 +17,11 @@ import main_pretrain
 from segmentation import main as seg_main
 from tests.conftest import REPO, run_cli
 from tests.test_datasets_official import write_shapenetpart
-from tools import eval_svm, runs
-from tools.cli import data_overrides
-from tools.svm import repeated_svm, select_C
+from tools import eval_svm
+from tools.engine import runs
+from tools.tasks import pretrain
+from tools.engine.cli import data_overrides
+from tools.tasks.svm import repeated_svm, select_C
 from utils.config import load_config
 from utils.errors import ConfigError, DataError
 
@@ -211,11 +213,11 @@ def test_svm_cross_validation_with_two_shapes_per_class_says_the_minimum():
 
 def test_warm_start_is_not_labelled_randomly_initialised(tmp_path, capsys):
     summary = {"init": {"init/svm_acc": 50.0}}
-    runs._report(summary, tmp_path, start_ckpts="a/pretrain.pth")
+    pretrain._report(summary, tmp_path, start_ckpts="a/pretrain.pth")
     out = capsys.readouterr().out
     assert "linear SVM, starting encoder (--start_ckpts a/pretrain.pth): 50.00 %" in out
     assert "random" not in out
-    runs._report({"init": {"init/svm_acc": 50.0}}, tmp_path)
+    pretrain._report({"init": {"init/svm_acc": 50.0}}, tmp_path)
     assert "linear SVM, randomly initialised encoder: 50.00 %" in capsys.readouterr().out
 
 
@@ -225,7 +227,7 @@ def test_segmentation_takes_data(tmp_path, caplog):
     assert args.data == str(root) and args.opts == ["max_epoch=1"]
     opts = data_overrides(str(root), "segment", SEG, ["model.num_parts=50"], echo=lambda *a, **k: None)
     cfg = load_config(SEG, opts)
-    from tools.builders import build_split
+    from tools.engine.builders import build_split
 
     train, test = build_split(cfg, "train"), build_split(cfg, "test")
     assert type(train).__name__ == "ShapeNetPart" and len(train) == 8 and len(test) == 4  # trainval / test

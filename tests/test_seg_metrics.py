@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datasets.shapenetpart import SEG_CLASSES
-from tools.seg_metrics import (SegMetricAccumulator, category_part_mask, part_table, restricted_argmax,
+from tools.tasks.seg_metrics import (SegMetricAccumulator, category_part_mask, part_table, restricted_argmax,
                                segmentation_metrics, shape_ious)
 from utils.errors import DataError
 

@@ -14,7 +14,7 @@ from models.point_mae import PointMAE
 from tests.conftest import REPO, run_cli
 from tests.helpers import TINY_TC
 from tests.test_datasets_official import write_shapenetpart
-from tools.checkpoint import atomic_save
+from tools.engine.checkpoint import atomic_save
 
 TINY_MODEL = {"NAME": "PointMAE_Seg", "trans_dim": 48, "encoder_dims": 48, "depth": 2, "num_heads": 3,
               "num_group": 16, "group_size": 8, "fetch_layers": [0, 1], "fp_mlp": [32, 32], "head_dims": [32, 16]}

@@ -9,8 +9,9 @@ from models.gm3d import PointMAEGM3D
 from models.point_mae import PointMAE
 from tests.conftest import run_cli
 from tests.helpers import TINY_TC
-from tools.checkpoint import atomic_save
-from tools.pretrained import load_knowledge_teacher, load_start_checkpoint
+from tools.engine.checkpoint import atomic_save
+from tools.engine.builders import load_knowledge_teacher
+from tools.tasks.pretrained import load_start_checkpoint
 from utils.errors import CheckpointError
 
 

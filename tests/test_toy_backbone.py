@@ -181,8 +181,8 @@ COMMON = {"npoints": 128, "total_bs": 8, "max_epoch": 2, "threads": 1, "log": {"
 
 
 def test_toy_backbone_pretrains_runs_gm3d_svm_and_finetunes(registered, tmp_path):
-    from tools.finetune import run_finetune
-    from tools.runs import run_pretrain
+    from tools.tasks.finetune import run_finetune
+    from tools.tasks.pretrain import run_pretrain
 
     data = {"train": {**TINY_DATA, "subset": "train"}, "svm_train": {**TINY_DATA, "subset": "train"},
             "svm_test": {**TINY_DATA, "subset": "test"}}

@@ -21,7 +21,7 @@ from tests.helpers import TINY_TC
 from tools import visualize
 from tools.vis import curves, evaluator, forward, loading, panels
 from tools.vis.probe import QUANTITIES
-from tools.checkpoint import CheckpointError, atomic_save
+from tools.engine.checkpoint import CheckpointError, atomic_save
 
 GROUP = {"group_size": 8, "num_group": 16}
 DATA = {"NAME": "SyntheticShapes", "npoints": 128, "num_classes": 2, "samples_per_class": 2,

@@ -10,7 +10,7 @@ from matplotlib.image import imread
 
 from models.point_m2ae import PointM2AE, PointM2AEGM3D
 from tools import gc_probe, visualize
-from tools.checkpoint import atomic_save
+from tools.engine.checkpoint import atomic_save
 from tools.vis import forward, loading
 
 M2 = dict(group_sizes=[8, 4, 4], num_groups=[32, 16, 8], encoder_depths=[1, 1, 1], encoder_dims=[24, 48, 96],

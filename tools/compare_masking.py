@@ -97,8 +97,8 @@ def train_seconds(run_dir: Path) -> float | None:
 
 
 def mean_std(xs: list[float]) -> str:
-    """``"mean ± std"`` (sample std, ddof=1: :func:`tools.stats.mean_std`), or ``n/a`` for no values."""
-    from tools.stats import mean_std as _mean_std
+    """``"mean ± std"`` (sample std, ddof=1: :func:`tools.tasks.stats.mean_std`), or ``n/a`` for no values."""
+    from tools.tasks.stats import mean_std as _mean_std
 
     xs = [x for x in xs if x is not None]
     if not xs:

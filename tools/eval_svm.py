@@ -1,5 +1,5 @@
 """Linear-SVM evaluation of a frozen encoder (docs/METHOD.md, decision 7): the command line (the library is
-``tools/svm.py``).
+``tools/tasks/svm.py``).
 
 Features: mean + max pooled encoder tokens of the complete (unmasked, un-augmented) cloud.
 Classifier: ``sklearn.svm.SVC(kernel="linear", C=C)`` on the raw features (C=0.01 as in GM3D/M2AE).
@@ -72,7 +72,7 @@ def _dataset_file_sets(path: str, npoints: int | None, data_root: str | None):
 
 def svm_data(cfg, dataset_config: str | None = None):
     """(train set, test set, description) by the precedence of the module docstring."""
-    from tools.builders import build_split
+    from tools.engine.builders import build_split
 
     if dataset_config:
         tr, te = _dataset_file_sets(dataset_config, int(cfg.npoints), cfg.get("data_root"))
@@ -84,9 +84,9 @@ def svm_data(cfg, dataset_config: str | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tools.cli import OVERRIDES_HELP, add_data_args, data_overrides, parse_with_overrides
-    from tools.stats import format_accuracy, format_mean, wilson_interval
-    from tools.svm import SVMEvaluator, feature_model, extract_features, kfold_svm, repeated_svm
+    from tools.engine.cli import OVERRIDES_HELP, add_data_args, data_overrides, parse_with_overrides
+    from tools.tasks.stats import format_accuracy, format_mean, wilson_interval
+    from tools.tasks.svm import SVMEvaluator, feature_model, extract_features, kfold_svm, repeated_svm
     from utils.config import load_config
     from utils.errors import CheckpointError, ConfigError, DataError
     from utils.io import atomic_write

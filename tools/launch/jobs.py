@@ -12,7 +12,7 @@ part of it: a finished job stays finished across commits.
 State lives in the run folder, so it survives the launcher: ``job.json`` (identity, name, command, state,
 attempts, summed wall-clock, exit code, error) and ``job.log`` (the entry point's output, every attempt).
 :func:`run_job` runs one job wherever it is sent (a thread of the local executor, a SLURM job through
-submitit). It holds ``.job.lock`` in the folder (``tools.runs.lock_run_folder``; the entry point inherits
+submitit). It holds ``.job.lock`` in the folder (``tools.engine.runs.lock_run_folder``; the entry point inherits
 the descriptor, so the lock lasts as long as the run even if the launcher dies), so a second launcher
 never runs the job twice; it reuses a finished job, continues a killed one with the job's ``resume``
 arguments when the folder holds ``resume_from``, and records a failure with the tail of the log.
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.runs import lock_run_folder, release_run_folder
+from tools.engine.runs import lock_run_folder, release_run_folder
 from utils.config import load_config
 from utils.errors import ConfigError
 from utils.io import atomic_write

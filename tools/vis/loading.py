@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tools import checkpoint as ckpt_io
+from tools.engine import checkpoint as ckpt_io
 from utils.errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def shapes_from_dataset(dataset, indices: Sequence[int], seed: int = 0) -> list[
 def load_shapes(config: Mapping[str, Any], indices: Sequence[int], split: str | None = None,
                 seed: int = 0) -> list[Shape]:
     """Shapes ``indices`` of a split of the checkpoint's data config (default: svm_test, else train)."""
-    from tools.builders import build_split
+    from tools.engine.builders import build_split
 
     split = split or default_split(config)
     dataset = build_split(config, split)

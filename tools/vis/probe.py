@@ -67,7 +67,7 @@ def target_correlations(model, p, scores: torch.Tensor, epoch: int) -> dict[str,
 
 def open_probe(ckpt: str, split: str | None = None) -> tuple[LoadedCheckpoint, Any]:
     """A GM3D checkpoint, loaded, and the data split to probe it on (default: svm_test, else train)."""
-    from tools.builders import build_split
+    from tools.engine.builders import build_split
 
     ck = load_checkpoint(ckpt)
     if not is_gm3d(ck.model):

@@ -5,7 +5,7 @@ fixed for the test split); training applies the config's ``augment`` transforms 
 scale U(0.8, 1.25) then a per-axis shift U(-0.1, 0.1)) with the part labels carried along
 (:class:`CarryLabels`); one optimizer step per batch (the engine's). Every ``finetune.eval_every`` epochs
 :class:`SegEvaluator` scores ``dataset.test``: ``test_miou_c``, ``test_miou_i`` and ``test_acc``
-(:mod:`tools.seg_metrics`). ckpt-best is selected on ``eval.best_metric`` (officially instance mIoU on
+(:mod:`tools.tasks.seg_metrics`). ckpt-best is selected on ``eval.best_metric`` (officially instance mIoU on
 the test split: optimistic, labelled so); last-epoch and best-epoch numbers are both reported. Voting
 (``--vote`` / ``finetune.vote``) averages the logits of ``finetune.votes`` seeded augmentations of each
 test shape and is computed once, with its vote count.
@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from tools.seg_metrics import SegMetricAccumulator, part_table
+from tools.tasks.common import eval_loader, eval_mode
+from tools.tasks.seg_metrics import SegMetricAccumulator, part_table
 from utils.errors import ConfigError
 from utils.misc import derive_seed
 
@@ -59,24 +60,6 @@ def seg_parts_of(dataset: Dataset, what: str) -> list[list[int]]:
     return part_table(seg_classes, getattr(dataset, "classes", None))
 
 
-def _loader(dataset: Dataset, batch_size: int) -> DataLoader:
-    from tools.engine import _collate_points
-
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate_points)
-
-
-class _EvalMode:
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.was = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was)
-
-
 class SegEvaluator:
     """Engine evaluator: ``{name}_miou_c``, ``{name}_miou_i``, ``{name}_acc`` on ``dataset`` every ``every``
     epochs. The test items are read once and kept on the device (their sampling is deterministic)."""
@@ -91,13 +74,13 @@ class SegEvaluator:
     def batches(self):
         if self._batches is None:
             self._batches = [(b["points"].to(self.device), b["seg"], b["category"].reshape(-1))
-                             for b in _loader(self.dataset, self.batch_size)]
+                             for b in eval_loader(self.dataset, self.batch_size)]
         return self._batches
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
         acc = SegMetricAccumulator(self.parts, self.num_parts)
-        with _EvalMode(model):
+        with eval_mode(model):
             for pts, seg, cat in self.batches():
                 acc.update(model.seg_logits(pts, cat.to(self.device)).float().cpu(), seg, cat)
         return acc.compute(self.name)
@@ -114,8 +97,8 @@ def vote_seg_metrics(model: nn.Module, dataset: Dataset, *, votes: int, seed: in
         raise ConfigError(f"finetune.votes must be >= 1, got {votes}")
     acc = SegMetricAccumulator(seg_parts_of(dataset, "dataset.test"), num_parts)
     index = 0
-    with _EvalMode(model):
-        for batch in _loader(dataset, batch_size):
+    with eval_mode(model):
+        for batch in eval_loader(dataset, batch_size):
             pts, cat = batch["points"].to(device), batch["category"].reshape(-1)
             B, N, _ = pts.shape
             mean = torch.zeros(B, N, num_parts)
@@ -138,7 +121,7 @@ def build_seg_model(cfg: Mapping[str, Any], *, ckpt: str | None = None, scratch:
                     ) -> tuple[nn.Module, dict[str, Any]]:
     """The config's segmentation model, with a pre-trained encoder from ``ckpt`` unless ``scratch``."""
     from models.base import SegmentationModel
-    from tools.finetune import build_finetune_model
+    from tools.tasks.finetune import build_finetune_model
 
     return build_finetune_model(cfg, ckpt=ckpt, scratch=scratch, kind=SegmentationModel, task="segmentation")
 
@@ -167,11 +150,11 @@ def run_segmentation(config: str, opts: list[str], *, exp_name: str = "default",
                      resume: bool = False, stop_after_epoch: int | None = None) -> dict[str, Any]:
     """Train (or, with ``test``, only evaluate) a part-segmentation model; prints and returns the summary.
     ``stop_after_epoch``: leave after that epoch (checkpoint written), to continue with ``resume``."""
-    from tools.builders import build_model_from_cfg, build_split, build_transform
-    from tools.engine import Trainer
-    from tools.finetune import vote_last_and_best
-    from tools.pretrained import load_finetuned
-    from tools.runs import prepare_run
+    from tools.engine.builders import build_model_from_cfg, build_split, build_transform
+    from tools.engine.trainer import Trainer
+    from tools.tasks.finetune import vote_last_and_best
+    from tools.tasks.pretrained import load_finetuned
+    from tools.engine.runs import prepare_run
     from utils import dist
 
     if test and run_dir is None:

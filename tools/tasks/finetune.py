@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from extensions import fps, gather
-from tools.stats import format_accuracy
+from tools.tasks.common import eval_loader, eval_mode
+from tools.tasks.stats import format_accuracy
 from utils.errors import ConfigError, DataError
 from utils.io import atomic_write
 from utils.misc import derive_seed
@@ -94,31 +95,13 @@ class TrainSampling:
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-def _loader(dataset: Dataset, batch_size: int) -> DataLoader:
-    from tools.engine import _collate_points
-
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate_points)
-
-
-def _eval_mode(model: nn.Module):
-    class _Ctx:
-        def __enter__(self):
-            self.was = model.training
-            model.eval()
-
-        def __exit__(self, *exc):
-            model.train(self.was)
-
-    return _Ctx()
-
-
 @torch.no_grad()
 def predict_logits(model: nn.Module, dataset: Dataset, npoints: int, *, batch_size: int = 64,
                    device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain test logits: deterministic FPS to ``npoints``; returns (logits (M, C), labels (M,)) on CPU."""
     logits, labels = [], []
-    with _eval_mode(model):
-        for batch in _loader(dataset, batch_size):
+    with eval_mode(model):
+        for batch in eval_loader(dataset, batch_size):
             pts = fps_to(batch["points"].to(device), npoints)
             logits.append(model.logits(pts).float().cpu())
             labels.append(batch["label"].reshape(-1))
@@ -137,8 +120,8 @@ def vote_logits(model: nn.Module, dataset: Dataset, npoints: int, *, votes: int 
     pool_size = default_point_all(npoints, point_all)
     logits, labels = [], []
     index = 0
-    with _eval_mode(model):
-        for batch in _loader(dataset, batch_size):
+    with eval_mode(model):
+        for batch in eval_loader(dataset, batch_size):
             pts = batch["points"].to(device)
             B, N, _ = pts.shape
             if N < npoints:
@@ -185,8 +168,8 @@ class AccuracyEvaluator:
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
         if self._batches is None:
             self._batches = [(fps_to(b["points"].to(self.device), self.npoints), b["label"].reshape(-1))
-                             for b in _loader(self.dataset, self.batch_size)]
-        with _eval_mode(model):
+                             for b in eval_loader(self.dataset, self.batch_size)]
+        with eval_mode(model):
             logits = torch.cat([model.logits(pts).float().cpu() for pts, _ in self._batches])
         labels = torch.cat([y for _, y in self._batches])
         return accuracy_metrics(logits, labels, self.name)
@@ -199,8 +182,8 @@ def build_finetune_model(cfg: Mapping[str, Any], *, ckpt: str | None = None, scr
     """The config's fine-tuning model (a :class:`~models.base.Classifier`, or ``kind``), with a pre-trained
     encoder from ``ckpt`` unless ``scratch``; ``task`` names the job in error messages."""
     from models.base import Classifier
-    from tools.builders import build_model_from_cfg
-    from tools.pretrained import load_pretrained_encoder
+    from tools.engine.builders import build_model_from_cfg
+    from tools.tasks.pretrained import load_pretrained_encoder
 
     kind = kind or Classifier
     if bool(ckpt) == bool(scratch):
@@ -246,7 +229,7 @@ def vote_last_and_best(summary: dict[str, Any], out: Path, model: nn.Module, reb
                        device: torch.device, score: Callable[[nn.Module], Any]) -> None:
     """``summary['vote_last']``: ``score`` of the last-epoch ``model``; ``summary['vote_best']``: of
     ``<out>/ckpt-best.pth`` loaded into ``rebuild()`` (the last epoch's value when it is the best)."""
-    from tools.pretrained import load_finetuned
+    from tools.tasks.pretrained import load_finetuned
 
     summary["vote_last"] = score(model)
     best_path = out / "ckpt-best.pth"
@@ -259,7 +242,7 @@ def vote_last_and_best(summary: dict[str, Any], out: Path, model: nn.Module, reb
 
 
 def _vote_report(model, test_set, cfg, device) -> dict[str, float]:
-    from tools.builders import build_transform
+    from tools.engine.builders import build_transform
 
     fc = cfg["finetune"]
     logits, labels = vote_logits(model, test_set, int(cfg["npoints"]), votes=int(fc["votes"]), seed=int(cfg["seed"]),
@@ -272,10 +255,10 @@ def run_finetune(config: str, opts: list[str], *, exp_name: str = "default", run
                  ckpt: str | None = None, scratch: bool = False, test: str | None = None,
                  vote: bool = False, resume: bool = False, accept_config_change: bool = False) -> dict[str, Any]:
     """Fine-tune (or, with ``test``, only evaluate) a classifier; prints and returns the summary."""
-    from tools.pretrained import load_finetuned
-    from tools.builders import build_model_from_cfg, build_split, build_transform
-    from tools.engine import Trainer
-    from tools.runs import prepare_run
+    from tools.tasks.pretrained import load_finetuned
+    from tools.engine.builders import build_model_from_cfg, build_split, build_transform
+    from tools.engine.trainer import Trainer
+    from tools.engine.runs import prepare_run
     from utils import dist
 
     if test and run_dir is None:  # keep a training run's folder (and its config.yaml) untouched

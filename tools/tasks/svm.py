@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from tools.tasks.common import eval_mode
 from utils.errors import ConfigError
 from utils.misc import derive_seed
 
@@ -90,13 +91,9 @@ class SVMEvaluator:
         self.C_grid, self.standardize = list(C_grid), standardize
 
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             tr = extract_features(model.extract_features, self.train_set, self.batch_size, self.device)
             te = extract_features(model.extract_features, self.test_set, self.batch_size, self.device)
-        finally:
-            model.train(was_training)
         C = select_C(*tr, self.C_grid, self.standardize) if self.C_grid else self.C
         return {"svm_acc": linear_svm_accuracy(*tr, *te, C=C, standardize=self.standardize), "svm_C": C}
 
@@ -128,7 +125,7 @@ class EncoderFeatures(nn.Module):
     def load_checkpoint(self, path: str, source: str = "student") -> dict:
         """Load the encoder of any supported checkpoint; every encoder key must be present."""
         from models.adapters import PointMAEAdapter
-        from tools import checkpoint as ckpt_io
+        from tools.engine import checkpoint as ckpt_io
 
         state, info = PointMAEAdapter().encoder_weights(ckpt_io.load_file(path), source=source, where=str(path))
         info.pop("extra")
@@ -161,7 +158,7 @@ class BackboneFeatures(nn.Module):
 
     def load_checkpoint(self, path: str, source: str = "student") -> dict:
         from models.adapters import adapter_for
-        from tools import checkpoint as ckpt_io
+        from tools.engine import checkpoint as ckpt_io
 
         adapter = adapter_for(self.model)
         state, info = adapter.encoder_weights(ckpt_io.load_file(path), source=source, where=str(path))

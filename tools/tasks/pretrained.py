@@ -1,6 +1,6 @@
 """Load pre-trained and fine-tuned weights into models, through the checkpoint adapters.
 
-Every loader reads a file (``tools.checkpoint.load_file``: ``weights_only``, CPU), asks the model's
+Every loader reads a file (``tools.engine.checkpoint.load_file``: ``weights_only``, CPU), asks the model's
 adapter (:mod:`models.adapters`, found by the model's ``ARCH``) for the mapped weights, and loads them
 with the exact set of keys the model may leave at their initialisation; any other missing, unexpected or
 wrongly shaped key is a :class:`~utils.errors.CheckpointError` naming it.
@@ -8,7 +8,8 @@ wrongly shaped key is a :class:`~utils.errors.CheckpointError` naming it.
 * :func:`load_pretrained_encoder`: a pre-training (or fine-tuned) checkpoint's encoder into a classifier
   or a segmentation model (``--finetune``).
 * :func:`load_finetuned`: a fine-tuned checkpoint into its classifier, strict (``--test``).
-* :func:`load_knowledge_teacher`: GM3D's frozen knowledge teacher (``model.gm3d.teacher_ckpt``).
+* GM3D's frozen knowledge teacher (``model.gm3d.teacher_ckpt``) is loaded the same way by
+  :func:`tools.engine.builders.load_knowledge_teacher` when the model is built.
 * :func:`load_start_checkpoint`: a pre-training checkpoint into a pre-training model (``--start_ckpts``).
 """
 
@@ -21,14 +22,13 @@ from typing import Any, Literal
 from torch import nn
 
 from models.adapters import adapter_for
-from models.base import EncoderTeacher
-from tools import checkpoint as ckpt_io
+from tools.engine import checkpoint as ckpt_io
 from utils.errors import CheckpointError
 from utils.state_dict import load_state_dict_checked, show_keys
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_pretrained_encoder", "load_finetuned", "load_knowledge_teacher", "load_start_checkpoint"]
+__all__ = ["load_pretrained_encoder", "load_finetuned", "load_start_checkpoint"]
 
 
 def load_pretrained_encoder(model: nn.Module, path: str | Path, *, source: Literal["student", "ema", "teacher"] = "student"
@@ -71,16 +71,6 @@ def load_finetuned(model: nn.Module, path: str | Path) -> dict[str, Any]:
     meta = {k: ckpt.get(k) for k in ("epoch", "metrics", "best_metrics", "model_name") if k in ckpt}
     log.info("loaded fine-tuned checkpoint %s (epoch %s)", path, meta.get("epoch"))
     return meta
-
-
-def load_knowledge_teacher(teacher: EncoderTeacher, path: str | Path) -> None:
-    """Strict load of GM3D's knowledge teacher from an official or project pre-training checkpoint;
-    nothing of the teacher may be missing."""
-    adapter = adapter_for(teacher)
-    extra = {"with_decoder": True} if getattr(teacher, "with_decoder", False) else {}  # variant B only
-    state = adapter.teacher_state(ckpt_io.load_file(path), where=str(path), **extra)
-    load_state_dict_checked(teacher, state, what=f"knowledge-teacher checkpoint {path}")
-    log.info("knowledge teacher: %d tensors from %s", len(state), path)
 
 
 def load_start_checkpoint(model: nn.Module, path: str | Path) -> dict[str, Any]:

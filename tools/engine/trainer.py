@@ -3,10 +3,10 @@
 ``Trainer(cfg, model, train_set, run_dir, evaluators=...).fit()`` handles devices, precision, DDP
 (``torchrun``: gloo on CPU, NCCL on GPU), gradient accumulation and clipping, the per-iteration
 warm-up + cosine schedule, progress (a bar on a terminal, a few log lines otherwise:
-:mod:`tools.progress`), TensorBoard, one JSON line of metrics per epoch, atomic checkpoints and exact
+:mod:`tools.engine.progress`), TensorBoard, one JSON line of metrics per epoch, atomic checkpoints and exact
 resume. ``ckpt-last.pth`` is the epoch commit and carries the metric history;
-ckpt-best.pth, metrics.jsonl and summary.json follow it and are repaired from it on resume
-(docs/RELIABILITY.md).
+ckpt-best.pth, metrics.jsonl and summary.json follow it and are repaired from it on resume (:mod:`tools.engine.recovery`;
+docs/RELIABILITY.md).
 
 Host syncs: the loop reads no device value per iteration unless ``log.sync_every`` is 1. The logged
 terms are summed on the device; every ``sync_every`` iterations (and at the epoch end) one read checks
@@ -44,9 +44,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from models.base import TrainHooks
 from models.ema import build_model_ema
-from tools import checkpoint as ckpt_io
-from tools.optim import build_optimizer, lr_at, set_lr
-from tools.progress import EpochProgress
+from tools.engine import checkpoint as ckpt_io
+from tools.engine.optim import build_optimizer, lr_at, set_lr
+from tools.engine.progress import EpochProgress
+from tools.engine.recovery import (METRICS, PREVIOUS, SUMMARY, history_of, last_good_checkpoint, last_good_message,
+                                   metrics_text, reconcile)
 from utils import dist
 from utils.errors import CheckpointError, ConfigError
 from utils.io import atomic_write, remove_stale_temps
@@ -54,11 +56,8 @@ from utils.misc import derive_seed, seed_everything, to_device, unwrap
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "Evaluator", "NonFiniteLossError", "autocast_context", "data_problem"]
+__all__ = ["Trainer", "Evaluator", "NonFiniteLossError", "autocast_context", "data_problem", "collate_points"]
 
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
-PREVIOUS = "ckpt-prev.pth"
 HUGE_COORDINATE = 1e6
 CUDA_SYNC_EVERY = 50
 """Iterations between host reads of the losses on CUDA when ``log.sync_every`` is null."""
@@ -131,59 +130,8 @@ def _bad_input(points: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(pts).all() | (pts.abs().amax() > HUGE_COORDINATE)
 
 
-def _metrics_text(history: Sequence[Mapping[str, Any]]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in history)
-
-
-def _read_metrics(path: Path, ckpt: Path) -> list[dict[str, Any]]:
-    """The records of an old run's metrics.jsonl (for checkpoints without a history); a damaged file is an error."""
-    if not path.exists():
-        return []
-    records = []
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(
-                f"{path}, line {n}, is not valid JSON ({e.msg}) and {ckpt} carries no metric history to repair "
-                f"it from; fix or remove that line, then resume") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("epoch"), int):
-            raise CheckpointError(f"{path}, line {n}, is not a metrics record with an integer 'epoch'; fix or "
-                                  f"remove it, then resume")
-        records.append(rec)
-    return records
-
-
-def _metrics_mismatch(text: str | None, history: Sequence[Mapping[str, Any]]) -> str:
-    """A short description of how a metrics.jsonl differs from the checkpoint's history."""
-    if text is None:
-        return "is missing"
-    if not text.strip():
-        return "is empty" if history else "holds only blank lines"
-    lines = [x for x in text.splitlines() if x.strip()]
-    for n, line in enumerate(lines, 1):
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
-            return f"has a damaged line {n} (not valid JSON: truncated or garbage)"
-    epochs = [json.loads(x).get("epoch") if isinstance(json.loads(x), dict) else None for x in lines]
-    want = [r.get("epoch") for r in history]
-    if epochs != want:
-        return f"lists epochs {epochs} but the checkpoint's history has {want}"
-    return "differs from the checkpoint's history"
-
-
-def _checkpoint_epoch(path: Path) -> int | None:
-    """The ``epoch`` stored in a checkpoint file, or None when it is missing or unreadable."""
-    try:
-        return int(ckpt_io.load_file(path).get("epoch"))
-    except (CheckpointError, TypeError, ValueError):
-        return None
-
-
-def _collate_points(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def collate_points(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The engine's batch collation: tensors stacked, numbers as a tensor, anything else as a list."""
     out: dict[str, Any] = {}
     for key in items[0]:
         vals = [it[key] for it in items]
@@ -269,7 +217,7 @@ class Trainer:
         self.loader = DataLoader(
             train_set, batch_size=per_rank_bs, shuffle=False,
             sampler=self.sampler or RandomSampler(train_set, generator=self.loader_gen),
-            drop_last=True, num_workers=int(cfg["num_workers"]), collate_fn=_collate_points,
+            drop_last=True, num_workers=int(cfg["num_workers"]), collate_fn=collate_points,
             persistent_workers=False, pin_memory=self.device.type == "cuda")
         self.start_epoch = 0
         self.best: dict[str, Any] = {"value": None, "epoch": None}
@@ -321,10 +269,7 @@ class Trainer:
         best = state.get("best_metrics") or {}
         self.best = {"value": best.get(self.best_key), "epoch": best.get("epoch")}
         ckpt_io.set_rng_state(state["rng"])
-        history = state.get("history")
-        if history is None:  # a checkpoint written before the history was kept in it
-            history = [r for r in _read_metrics(self.run_dir / METRICS, path) if r.get("epoch", -1) < self.start_epoch]
-        self.history = [dict(r) for r in history]
+        self.history = history_of(state, self.run_dir, path, self.start_epoch)
         if self.is_main:
             self._reconcile(state, path)
         log.info("resumed from %s at epoch %d", path, self.start_epoch)
@@ -332,30 +277,12 @@ class Trainer:
     def _reconcile(self, state: Mapping[str, Any], path: Path) -> None:
         """Bring the derived files (ckpt-best.pth, metrics.jsonl, summary.json) in line with ``ckpt-last.pth``,
         the commit record of the last finished epoch (docs/RELIABILITY.md)."""
-        epoch = int(state["epoch"])
-        best_path = self.run_dir / "ckpt-best.pth"
-        if self.best_key and self.best["epoch"] is not None:
-            best_epoch = _checkpoint_epoch(best_path)
-            if best_epoch != self.best["epoch"]:
-                if self.best["epoch"] == epoch:  # killed between the commit and the best copy
-                    log.warning("%s holds epoch %s but %s names epoch %d as the best; rewriting it from %s",
-                                best_path, best_epoch, path, epoch, path)
-                    ckpt_io.atomic_save(dict(state), best_path)
-                else:
-                    log.warning("%s holds epoch %s, not the best epoch %s named by %s; that checkpoint is lost, "
-                                "the best metric is kept", best_path, best_epoch, self.best["epoch"], path)
-        metrics_file = self.run_dir / METRICS
-        want = _metrics_text(self.history)
-        have = metrics_file.read_text(errors="replace") if metrics_file.exists() else None
-        if have != want:
-            reason = _metrics_mismatch(have, self.history)
-            log.warning("%s %s; rewriting it from %s (%d records up to epoch %d)", metrics_file, reason, path,
-                        len(self.history), epoch)
+        reconcile(self.run_dir, state, path, self.history, self.best_key, self.best["epoch"])
         self._write_views()
 
     def _write_views(self) -> None:
         """metrics.jsonl and summary.json from ``self.history`` (each an atomic rewrite)."""
-        atomic_write(self.run_dir / METRICS, lambda f: f.write(_metrics_text(self.history)), binary=False)
+        atomic_write(self.run_dir / METRICS, lambda f: f.write(metrics_text(self.history)), binary=False)
         if self.write_summary:
             text = json.dumps(self.summary(), indent=2, default=str)
             atomic_write(self.run_dir / SUMMARY, lambda f: f.write(text), binary=False)
@@ -445,38 +372,9 @@ class Trainer:
 
     def _last_good_message(self, batch: Mapping[str, Any] | None, epoch: int) -> str:
         """Name the newest checkpoint of this run whose weights are finite and (given the failing batch) whose
-        loss on that batch is finite."""
-        found = self._last_good_checkpoint(batch, epoch)
-        if found is None:
-            written = sorted(p.name for p in self.run_dir.glob("ckpt-*.pth"))
-            if not written:
-                return "No checkpoint has been written yet (the failure is in the first epoch)."
-            return (f"None of the checkpoints in {self.run_dir} ({', '.join(written)}) has finite weights and a "
-                    f"finite loss on this batch; start again rather than resuming.")
-        path, ck_epoch = found
-        tested = "finite weights and a finite loss on the failing batch" if batch is not None else "finite weights"
-        hint = "" if path.name == "ckpt-last.pth" else f" (copy it to {self.run_dir / 'ckpt-last.pth'} to resume from it)"
-        return f"The last good checkpoint is {path} (epoch {ck_epoch}: {tested}){hint}."
-
-    def _last_good_checkpoint(self, batch: Mapping[str, Any] | None, epoch: int) -> tuple[Path, int] | None:
-        names = ["ckpt-last.pth", PREVIOUS] + sorted((p.name for p in self.run_dir.glob("ckpt-epoch-*.pth")),
-                                                     reverse=True) + ["ckpt-best.pth"]
-        candidates = []
-        for name in names:
-            path = self.run_dir / name
-            try:
-                state = ckpt_io.load_file(path)
-                weights = ckpt_io.extract_state_dict(state, path)
-            except ckpt_io.CheckpointError:
-                continue
-            candidates.append((int(state.get("epoch", -1)), path, weights))
-        for ck_epoch, path, weights in sorted(candidates, key=lambda c: -c[0]):
-            if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
-                continue
-            if batch is not None and not self._finite_loss_with(weights, batch, epoch):
-                continue
-            return path, ck_epoch
-        return None
+        loss on that batch is finite (:mod:`tools.engine.recovery`)."""
+        probe = None if batch is None else (lambda weights: self._finite_loss_with(weights, batch, epoch))
+        return last_good_message(self.run_dir, last_good_checkpoint(self.run_dir, probe), batch is not None)
 
     def _finite_loss_with(self, weights: Mapping[str, torch.Tensor], batch: Mapping[str, Any], epoch: int) -> bool:
         """Whether the model with ``weights`` gives a finite loss on ``batch`` (a copy; the run's model is untouched)."""

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from datasets import build_dataset
 from models import build_model
-from tools import checkpoint as ckpt_io
-from tools.pretrained import load_knowledge_teacher
+from models.adapters import adapter_for
+from models.base import EncoderTeacher
+from tools.engine import checkpoint as ckpt_io
 from utils.errors import ConfigError
+from utils.state_dict import load_state_dict_checked
+
+log = logging.getLogger(__name__)
 
 
 def section(cfg: Mapping[str, Any], dotted: str) -> Mapping[str, Any]:
@@ -52,6 +58,16 @@ def build_model_from_cfg(cfg: Mapping[str, Any], *, load_teacher: bool = True, *
             raise ConfigError("model.gm3d.teacher_ckpt: GM3D variants B and C need a knowledge-teacher checkpoint")
         load_knowledge_teacher(teacher, path)
     return model
+
+
+def load_knowledge_teacher(teacher: EncoderTeacher, path: str | Path) -> None:
+    """Strict load of GM3D's knowledge teacher from an official or project pre-training checkpoint;
+    nothing of the teacher may be missing."""
+    adapter = adapter_for(teacher)
+    extra = {"with_decoder": True} if getattr(teacher, "with_decoder", False) else {}  # variant B only
+    state = adapter.teacher_state(ckpt_io.load_file(path), where=str(path), **extra)
+    load_state_dict_checked(teacher, state, what=f"knowledge-teacher checkpoint {path}")
+    log.info("knowledge teacher: %d tensors from %s", len(state), path)
 
 
 def load_pretrained_for_eval(cfg: Mapping[str, Any], ckpt: str | None, device: torch.device) -> torch.nn.Module:

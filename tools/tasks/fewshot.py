@@ -4,7 +4,7 @@ Per fold the classifier is fine-tuned from the same initialisation (the pre-trai
 seeded random init with ``--scratch``) on the fold's ``way x shot`` support shapes and tested on its
 ``way x query`` query shapes every ``finetune.eval_every`` epochs; the last-epoch and the best-epoch
 (test-selected, the official protocol) accuracies are kept. A setting reports mean ± std (sample std,
-ddof=1, ``tools/stats.py``) and a 95 % t-interval over its folds, and the query count per fold; the table
+ddof=1, ``tools/tasks/stats.py``) and a 95 % t-interval over its folds, and the query count per fold; the table
 goes to ``<run>/fewshot.md`` and ``<run>/fewshot.json``.
 
 Episodes:
@@ -42,7 +42,7 @@ __all__ = ["episode_source", "write_episodes", "fold_datasets", "run_fewshot", "
 
 
 def _section_name(cfg: Mapping[str, Any], split: str) -> str:
-    from tools.builders import section
+    from tools.engine.builders import section
     from datasets.build import dataset_kwargs
 
     return dataset_kwargs(section(cfg, f"dataset.{split}"))["NAME"]
@@ -73,7 +73,7 @@ def write_episodes(cfg: Mapping[str, Any], out: Path, way: int, shot: int, folds
     from datasets.io import write_cloud_cache
     from datasets.modelnet40 import modelnet_cache_path
     from datasets.modelnet_fewshot import fewshot_path, generate_fewshot
-    from tools.builders import build_split
+    from tools.engine.builders import build_split
 
     fs = cfg["finetune"]["fewshot"]
     src = out / "episodes" / "source"
@@ -110,7 +110,7 @@ def write_episodes(cfg: Mapping[str, Any], out: Path, way: int, shot: int, folds
 def fold_datasets(cfg: Mapping[str, Any], out: Path, way: int, shot: int, fold: int, folds: int):
     """(support set, query set) of one fold, both ``ModelNetFewShot``."""
     from datasets.modelnet_fewshot import ModelNetFewShot
-    from tools.builders import build_split
+    from tools.engine.builders import build_split
 
     if episode_source(cfg) == "official":
         if _section_name(cfg, "test") != "ModelNetFewShot":
@@ -132,9 +132,9 @@ def _settings(cfg: Mapping[str, Any], way: int | None, shot: int | None) -> list
 
 
 def _run_fold(cfg, ckpt, scratch, support, query, fold_dir: Path, device) -> dict[str, Any]:
-    from tools.builders import build_transform
-    from tools.engine import Trainer
-    from tools.finetune import AccuracyEvaluator, TrainSampling, build_finetune_model
+    from tools.engine.builders import build_transform
+    from tools.engine.trainer import Trainer
+    from tools.tasks.finetune import AccuracyEvaluator, TrainSampling, build_finetune_model
 
     fc = cfg["finetune"]
     model, info = build_finetune_model(cfg, ckpt=ckpt, scratch=scratch)
@@ -158,9 +158,9 @@ def _run_fold(cfg, ckpt, scratch, support, query, fold_dir: Path, device) -> dic
 
 def fewshot_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown table: one row per setting, last-epoch and best-epoch mean ± std over folds."""
-    from tools.stats import mean_std
+    from tools.tasks.stats import mean_std
 
-    from tools.stats import t_interval
+    from tools.tasks.stats import t_interval
 
     lines = ["| setting | folds | last epoch: mean ± std (%) | best epoch, test-selected: mean ± std (%) "
              "| last epoch: 95 % t-interval (%) |",
@@ -177,9 +177,9 @@ def run_fewshot(config: str, opts: list[str], *, exp_name: str = "default", run_
                 ckpt: str | None = None, scratch: bool = False, way: int | None = None, shot: int | None = None,
                 fold: int | None = None, accept_config_change: bool = False) -> dict[str, Any]:
     """Run the few-shot settings of a config (or the one given) over their folds; print mean ± std."""
-    from tools.finetune import check_best_metric
-    from tools.stats import format_mean, mean_std
-    from tools.runs import prepare_run
+    from tools.tasks.finetune import check_best_metric
+    from tools.tasks.stats import format_mean, mean_std
+    from tools.engine.runs import prepare_run
     from utils import dist
 
     # resume=True: a few-shot run folder continues fold by fold (finished folds are skipped)
