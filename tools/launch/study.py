@@ -211,6 +211,10 @@ def _paper(study: Study, paper: dict) -> dict:
         cells = study.cells(c)
         if all(k in study.rows for k in spec):
             spec = {DEFAULT_PAPER_CELL[study.columns[c]["kind"]]: spec}
+        for k in sorted(spec, key=lambda k: k in study.rows):  # report a key that is neither first
+            if k not in cells:
+                raise _err(study.path, f"{key}.{k}", f"neither a row nor a cell of this column ({', '.join(cells)})"
+                           if k not in study.rows else "a column's numbers are given per row or per cell, not both")
         for cell, per_row in spec.items():
             if cell not in cells:
                 raise _err(study.path, f"{key}.{cell}", f"neither a row nor a cell of this column ({', '.join(cells)})")
