@@ -30,7 +30,7 @@ from models.layers import at_least_float32
 from models.masking import MaskStrategy
 from utils.errors import DataError
 
-__all__ = ["TrainHooks", "MaskedAutoencoder", "Classifier", "SegmentationModel", "EncoderTeacher"]
+__all__ = ["TrainHooks", "MaskedAutoencoder", "Classifier", "SegmentationModel", "EncoderTeacher", "layers_by_prefix"]
 
 
 class TrainHooks:
@@ -45,6 +45,32 @@ class TrainHooks:
     def extra_metrics(self) -> dict[str, float]:
         """Floats added to the epoch's log as ``train/<name>``; reset by the model at epoch start."""
         return {}
+
+    def lr_layers(self) -> tuple[int, dict[str, int]]:
+        """Depth of each parameter for layer-wise lr decay (``optimizer.layer_decay``, tools/optim.py).
+
+        Returns ``(L, {parameter name: layer})``: layer 0 = the embeddings (patch embedding, cls token,
+        positional embeddings), ``j + 1`` = transformer block ``j`` counted over the whole encoder (over
+        all stages, in order, for a hierarchical one), ``L`` = everything after the last block (final
+        norm, head). A model that does not implement it cannot use layer-wise decay.
+        """
+        raise NotImplementedError
+
+
+def layers_by_prefix(model: nn.Module, rules: list[tuple[str, int]]) -> dict[str, int]:
+    """``{parameter name: layer}`` for :meth:`TrainHooks.lr_layers` from ``(prefix, layer)`` rules: a
+    parameter takes the layer of the longest prefix equal to its name or to a leading run of its dotted
+    parts; one that no rule covers raises (a new module must be placed, not silently put at the top)."""
+    out, missing = {}, []
+    for name, _ in model.named_parameters():
+        hits = [(len(p), layer) for p, layer in rules if name == p or name.startswith(p + ".")]
+        if hits:
+            out[name] = max(hits)[1]
+        else:
+            missing.append(name)
+    if missing:
+        raise NotImplementedError(f"{type(model).__name__}.lr_layers places no layer for {', '.join(missing[:5])}")
+    return out
 
 
 class MaskedAutoencoder(TrainHooks, nn.Module):

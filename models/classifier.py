@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from extensions import group
-from models.base import Classifier
+from models.base import Classifier, layers_by_prefix
 from models.build import MODELS
 from models.layers import PatchEmbed, PosEmbed, TransformerEncoder, at_least_float32
 from models.point_mae import _init_trunc_normal
@@ -108,6 +108,14 @@ class PointTransformer(Classifier):
     def logits(self, points: torch.Tensor) -> torch.Tensor:
         """(B, N, 3) -> (B, cls_dim) class scores (call under ``eval()`` for evaluation)."""
         return self.cls_head_finetune(self.features(points))
+
+    def lr_layers(self) -> tuple[int, dict[str, int]]:
+        """Layer-wise lr decay: patch embedding, cls token / position and positional MLP at layer 0,
+        block ``j`` at ``j + 1``, the final norm and the head at ``depth``."""
+        depth = len(self.blocks.blocks)
+        rules = [(p, 0) for p in ("cls_token", "cls_pos", "encoder", "pos_embed")]
+        rules += [(f"blocks.blocks.{j}", j + 1) for j in range(depth)] + [("norm", depth), ("cls_head_finetune", depth)]
+        return depth, layers_by_prefix(self, rules)
 
     @torch.no_grad()
     def extract_features(self, points: torch.Tensor) -> torch.Tensor:

@@ -327,6 +327,20 @@ class HierarchicalEncoder(nn.Module):
         self.encoder_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims) if with_norms else None
         self.apply(_init_trunc_normal)
 
+    def lr_rules(self, prefix: str) -> tuple[int, list[tuple[str, int]]]:
+        """Layer-wise lr decay (:meth:`models.base.TrainHooks.lr_layers`): blocks are counted over the
+        stages in order (block ``k`` of stage ``s`` is layer ``1 + k + sum(depths[:s])``); a stage's token
+        embedding / merging and positional MLP sit at the layer of the block just before that stage (0
+        for stage 0); a stage's norm at the layer of its last block. Returns ``(total blocks, rules)``."""
+        rules, start = [], 0
+        for s, stage in enumerate(self.encoder_blocks):
+            rules += [(f"{prefix}token_embed.{s}", start), (f"{prefix}encoder_pos_embeds.{s}", start)]
+            rules += [(f"{prefix}encoder_blocks.{s}.blocks.{k}", start + k + 1) for k in range(len(stage.blocks))]
+            start += len(stage.blocks)
+            if self.encoder_norms is not None:
+                rules.append((f"{prefix}encoder_norms.{s}", start))
+        return start, rules
+
     def forward(self, groups: list[Patches], masks: list[torch.Tensor] | None = None,
                 local_attention: bool = True, official_padding: bool = False
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:

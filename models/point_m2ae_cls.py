@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Classifier
+from models.base import Classifier, layers_by_prefix
 from models.build import MODELS
 from models.layers import at_least_float32
 from models.point_m2ae import HierarchicalEncoder, M2AEConfig, group_multiscale
@@ -106,6 +106,11 @@ class PointM2AEClassifier(Classifier):
 
     def logits(self, points: torch.Tensor) -> torch.Tensor:
         return self.cls_head_finetune(self.features(points))
+
+    def lr_layers(self) -> tuple[int, dict[str, int]]:
+        """Layer-wise lr decay: the encoder's blocks counted over its stages, then ``norm`` and the head."""
+        depth, rules = self.h_encoder.lr_rules("h_encoder.")
+        return depth, layers_by_prefix(self, rules + [("norm", depth), ("cls_head_finetune", depth)])
 
     @torch.no_grad()
     def extract_features(self, points: torch.Tensor) -> torch.Tensor:

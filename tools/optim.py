@@ -12,6 +12,10 @@ from torch import nn
 from utils.errors import ConfigError
 
 
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    return p.ndim <= 1 or name.endswith(".bias") or "token" in name
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Official rule: no decay for 1-D params, biases and anything named ``*token*``.
 
@@ -21,11 +25,81 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or "token" in name:
+        if _no_decay(name, p):
             no_decay.append(p)
         else:
             decay.append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+LAYER_DECAY_KEY = "optimizer.layer_decay"
+
+
+def check_layer_decay(value: Any, where: str = LAYER_DECAY_KEY) -> float:
+    """``optimizer.layer_decay`` as a float in (0, 1] (1 = off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise ConfigError(f"{where}: got {value!r}; expected a number in (0, 1] (1 = no layer-wise lr decay; "
+                          f"the MAE / GM3D fine-tuning recipe uses 0.75)")
+    return float(value)
+
+
+def layer_scales(model: nn.Module, decay: float, where: str = LAYER_DECAY_KEY) -> dict[str, tuple[int, float]]:
+    """``{parameter name: (layer, lr scale)}``: scale ``decay ** (L - layer)`` over the model's
+    :meth:`~models.base.TrainHooks.lr_layers` (0 = embeddings, ``j + 1`` = block ``j``, ``L`` = norm and
+    head, scale 1). A model that cannot place its parameters is a config error naming it and the key."""
+    from models.base import TrainHooks
+
+    name = type(model).__name__
+    try:
+        if not isinstance(model, TrainHooks):
+            raise NotImplementedError(f"{name} is not a model of the backbone contract (models/base.py)")
+        num_layers, layers = model.lr_layers()
+    except NotImplementedError as e:
+        detail = f" ({e})" if str(e) else ""
+        raise ConfigError(f"{where} = {decay}: model {name} does not say which layer each parameter belongs to "
+                          f"(lr_layers(), models/base.py){detail}; set {where}: 1.0 (off) for it") from None
+    out = {}
+    for pname, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = layers.get(pname)
+        if layer is None or not 0 <= layer <= num_layers:
+            raise ConfigError(f"{where}: model {name} gives parameter {pname} layer {layer}, outside 0..{num_layers}")
+        out[pname] = (int(layer), decay ** (num_layers - int(layer)))
+    return out
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, decay: float,
+                       where: str = LAYER_DECAY_KEY) -> list[dict[str, Any]]:
+    """Parameter groups for layer-wise lr decay: one per (layer, decay / no decay) that has parameters,
+    in increasing layer, no-decay first; each carries ``lr_scale`` (which :func:`set_lr` multiplies into
+    the schedule's lr) and ``layer``. The no-decay rule is :func:`param_groups`'s."""
+    scales = layer_scales(model, decay, where)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for pname, p in model.named_parameters():
+        if pname not in scales:
+            continue
+        layer, scale = scales[pname]
+        nd = _no_decay(pname, p)
+        g = groups.setdefault((layer, not nd), {"params": [], "weight_decay": 0.0 if nd else weight_decay,
+                                                "lr_scale": scale, "layer": layer})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _keep_scales(groups: list[dict[str, Any]]):
+    """Optimizer post-load hook: the config's ``lr_scale`` / ``layer`` replace a checkpoint's (a resumed
+    run keeps the scales of the config it runs, like every other optimizer setting of the config)."""
+    want = [(g["lr_scale"], g["layer"]) for g in groups]
+
+    def hook(optimizer: torch.optim.Optimizer) -> None:
+        if len(optimizer.param_groups) != len(want):
+            raise ConfigError(f"{LAYER_DECAY_KEY}: the loaded optimizer state has {len(optimizer.param_groups)} "
+                              f"parameter groups, this config builds {len(want)}")
+        for g, (scale, layer) in zip(optimizer.param_groups, want):
+            g["lr_scale"], g["layer"] = scale, layer
+
+    return hook
 
 
 IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop", "default")
@@ -50,23 +124,36 @@ def _impl_kwargs(impl: str, params: list[torch.Tensor]) -> dict[str, bool]:
 
 
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """``optimizer: {type: AdamW|Adam|SGD, kwargs: {lr, weight_decay, betas, momentum, implementation}}``.
+    """``optimizer: {type: AdamW|Adam|SGD, layer_decay, kwargs: {lr, weight_decay, betas, momentum, implementation}}``.
+
+    ``layer_decay`` (default 1 = off: the two groups of :func:`param_groups`) below 1 gives the
+    parameters of layer ``i`` the lr scale ``layer_decay ** (L - i)`` (:func:`layer_decay_groups`).
 
     Build it after the model is on its device: ``implementation: auto`` looks at the parameters.
     """
     kind = cfg["type"]
     kw = dict(cfg.get("kwargs", {}))
     lr, wd = float(kw.pop("lr")), float(kw.pop("weight_decay", 0.0))
-    groups = param_groups(model, wd)
+    decay = check_layer_decay(cfg.get("layer_decay", 1.0))
+    if decay == 1.0:
+        groups = param_groups(model, wd)
+    else:
+        groups = layer_decay_groups(model, wd, decay)
+        for g in groups:
+            g["lr"] = lr * g["lr_scale"]
     params = [p for g in groups for p in g["params"]]
     impl = _impl_kwargs(str(kw.get("implementation", "auto")), params)
     if kind == "AdamW":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(kw.get("betas", (0.9, 0.999))), **impl)
-    if kind == "Adam":
-        return torch.optim.Adam(groups, lr=lr, betas=tuple(kw.get("betas", (0.9, 0.999))), **impl)
-    if kind == "SGD":
-        return torch.optim.SGD(groups, lr=lr, momentum=float(kw.get("momentum", 0.9)), nesterov=True, **impl)
-    raise ConfigError(f"optimizer.type: unknown optimizer '{kind}'; expected AdamW, Adam or SGD")
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(kw.get("betas", (0.9, 0.999))), **impl)
+    elif kind == "Adam":
+        opt = torch.optim.Adam(groups, lr=lr, betas=tuple(kw.get("betas", (0.9, 0.999))), **impl)
+    elif kind == "SGD":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=float(kw.get("momentum", 0.9)), nesterov=True, **impl)
+    else:
+        raise ConfigError(f"optimizer.type: unknown optimizer '{kind}'; expected AdamW, Adam or SGD")
+    if decay != 1.0:
+        opt.register_load_state_dict_post_hook(_keep_scales(opt.param_groups))
+    return opt
 
 
 CURVES = ("mae", "timm")
@@ -122,5 +209,6 @@ def lr_at(epoch_float: float, base_lr: float, sched: Mapping[str, Any]) -> float
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr = ``lr`` times its ``lr_scale`` (layer-wise decay; groups without one: ``lr``)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g["lr_scale"] if "lr_scale" in g else lr
