@@ -269,7 +269,8 @@ def _config_path(study: Study, key: str, value: Any) -> str:
 def expand(study: Study, scale: str, seeds: list[int] | None = None, rows: list[str] | None = None,
            columns: list[str] | None = None, gpus: int = 1, cpus: int = 1) -> list:
     """The jobs of a selection, pre-trainings first. Unknown scale / row / column, a missing config or a
-    column without a config for a row's backbone: ConfigError naming the study file and key."""
+    column without a config for a row's backbone: ConfigError naming the study file and key. A config
+    given as null (``configs.BACKBONE.SCALE: null``) means no such job: the table shows the cell as n/a."""
     from tools.launch.jobs import Job
 
     if scale not in study.scales:
@@ -314,6 +315,8 @@ def expand(study: Study, scale: str, seeds: list[int] | None = None, rows: list[
                 per = (col.get("configs") or {}).get(backbone)
                 if per is None:
                     raise _err(study.path, f"columns.{c}.configs.{backbone}", f"missing (row {r} has this backbone)")
+                if scale in per and per[scale] is None:
+                    continue  # the study says: no such column for this backbone at this scale (a cell "n/a")
                 config = _config_path(study, key, per.get(scale))
                 opts = _strings(study.path, f"columns.{c}.opts.{scale}", (col.get("opts") or {}).get(scale))
                 if scale == "tiny":

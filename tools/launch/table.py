@@ -163,7 +163,7 @@ def _one_line(text: str) -> str:
 
 def _cell_state(states: dict[str, str], values: dict[str, list[float]]) -> str:
     if not states:
-        return "pending"
+        return "n/a"  # no job of this row for this column (no config for its backbone at this scale)
     if len(values) == len(states):
         return "done"
     if values:
