@@ -225,3 +225,20 @@ def test_end_to_end_killed_restarted_and_a_failing_cell(tmp_path):
     t2 = json.loads((ref / "table.json").read_text())
     done = {(e["column"], e["cell"]): e for e in t2["cells"] if e["state"] == "done"}
     assert set(done) == set(cells) and all(done[k]["mean"] == cells[k]["mean"] for k in cells)
+
+
+def test_paper_dry_run_slurm_plan_and_missing_data(tmp_path):
+    """--scale paper: every missing data set is named with its key and place before anything runs (exit 2);
+    --dry-run still prints the plan, with the sbatch lines of --executor slurm and the total."""
+    args = ["tools/reproduce.py", "--study", str(STUDY), "--scale", "paper", "--rows", "point_mae_gm3d",
+            "--columns", "svm_c001", "--out", str(tmp_path / "o")]
+    r = run_cli([*args, "--dry-run", "--executor", "slurm", "--partition", "gpu", "--sbatch", "qos=high"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("#SBATCH --partition=gpu") == 3 and "#SBATCH --qos=high" in r.stdout
+    assert "point_mae_gm3d/s0/pretrain" in r.stdout and "after: point_mae/s0/pretrain" in r.stdout
+    assert "total estimated device time" in r.stdout
+    if not (REPO / "data/ShapeNet55-34/ShapeNet-55").exists():
+        assert "missing data set ShapeNet: data/ShapeNet55-34/ShapeNet-55 (dataset.train.data_path" in r.stderr
+        r = run_cli(args)
+        assert r.returncode == 2 and "nothing was run or submitted" in r.stderr
+        assert not (tmp_path / "o" / "runs").exists()
