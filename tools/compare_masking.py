@@ -25,8 +25,11 @@ schedule (for instance a slow average over ``gm3d_opts``, whose own teacher deca
 ``teacher`` (a GM3D run's EMA teacher); each source fine-tunes into its own folder.
 
 Every arm masks the same number of patches (``--count``, the masked-count rule of ``model.mask.count``),
-so the arms differ only in which patches they hide. Each run is the real CLI (``main_pretrain.py``) in a
-subprocess; a finished run is reused (its overrides must match). Per arm and seed it records the linear
+so the arms differ only in which patches they hide. Every run is a job of the project's runner
+(``tools/launch``): the real CLI (``main_pretrain.py``, ``main_finetune.py``, ``tools/eval_svm.py``,
+``tools/gc_probe.py``) in a subprocess, in ``<out>/<arm>_s<seed>`` and sub-folders of it; a finished run
+of the same identity is reused, a killed one continues with ``--resume``, a failed one is reported with the
+tail of its log while the other arms go on. Per arm and seed it records the linear
 SVM of the student encoder (last epoch, and best epoch selected on the test split), optionally the SVM of
 the EMA teacher's encoder (``--ema-svm``), fine-tuning accuracy (``--finetune CONFIG``), the content-shuffle
 and rotation statistics of the scores (``--probe``, GM3D arms) and the wall-clock. The table (mean ± std over
@@ -47,14 +50,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-import subprocess
-import sys
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.py)
@@ -63,6 +61,10 @@ if __name__ == "__main__":  # before torch loads the OpenMP runtime (utils/omp.p
     apply_wait_policy()
 
 import torch  # noqa: E402
+
+from tools.launch.executors import LocalExecutor  # noqa: E402
+from tools.launch.graph import Graph  # noqa: E402
+from tools.launch.jobs import Job  # noqa: E402
 
 ARMS = ("random", "block", "gm3d_paper", "gm3d_opts", "gm3d_position", "gm3d_oracle", "random_eqtime")
 def deps_of(arm: str, eqtime_fixed: bool = False) -> list[str]:
@@ -77,16 +79,6 @@ def deps_of(arm: str, eqtime_fixed: bool = False) -> list[str]:
 GM3D_OPTIONS = ["model.gm3d.ema_bn=copy", "model.gm3d.ema_warmup=true", "model.gm3d.gc_target=zscore",
                 "model.gm3d.gc_chamfer_norm=true", "model.gm3d.ema_decay_start=0.99",
                 "model.gm3d.ema_decay_end=0.995"]
-
-
-def _run(cmd: list[str], run_dir: Path, what: str) -> float:
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"{what} failed ({run_dir}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    return wall
 
 
 def ema_overrides(epochs: int, start: float = 0.999, end: float = 0.9999) -> list[str]:
@@ -104,62 +96,6 @@ def train_seconds(run_dir: Path) -> float | None:
     return sum(float(r["time_s"]) for r in recs if r.get("epoch", -1) >= 0 and "time_s" in r)
 
 
-def run_arm(config: str, run_dir: Path, opts: list[str], report: bool = False) -> dict | None:
-    """Run one pre-training (or reuse a finished one with the same overrides): summary + wall-clock.
-    With ``report`` nothing runs: None for a run that has not finished."""
-    summary_path, timing_path = run_dir / "summary.json", run_dir / "wallclock.json"
-    if summary_path.exists() and timing_path.exists():
-        timing = json.loads(timing_path.read_text())
-        if "opts" in timing and timing["opts"] != opts:
-            raise RuntimeError(f"{run_dir} holds a finished run with other overrides ({timing['opts']}); "
-                               f"use another --out or remove that folder")
-        return {**json.loads(summary_path.read_text()), **timing}
-    if report:
-        return None
-    if run_dir.exists():  # an unfinished run: start it again
-        shutil.rmtree(run_dir)
-    cmd = [sys.executable, str(REPO / "main_pretrain.py"), "--config", config, "--run_dir", str(run_dir),
-           "log.progress_bar=false", "log.tensorboard=false", *opts]
-    wall = _run(cmd, run_dir, "pre-training")
-    timing = {"wall_s": wall, "opts": opts}
-    timing_path.write_text(json.dumps(timing))
-    return {**json.loads(summary_path.read_text()), **timing}
-
-
-def run_once(out_json: Path, cmd: list[str], what: str, report: bool = False) -> dict | None:
-    """Run a command that writes ``out_json`` (once; reused afterwards; ``report``: never run, None)."""
-    if report and not out_json.exists():
-        return None
-    if not out_json.exists():
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        wall = _run(cmd, out_json.parent, what)
-        if not out_json.exists():
-            raise RuntimeError(f"{what}: {' '.join(cmd)} wrote no {out_json}")
-        data = json.loads(out_json.read_text())
-        data.setdefault("wall_s", wall)
-        out_json.write_text(json.dumps(data))
-    return json.loads(out_json.read_text())
-
-
-def finetune(run_dir: Path, config: str, opts: list[str], report: bool = False, source: str = "student") -> dict:
-    """Fine-tune the run's last checkpoint with ``config`` (main_finetune.py) from the encoder ``source``:
-    its summary (``report``: only an existing one, else ``{}``)."""
-    ft_dir = run_dir / ("finetune" if source == "student" else f"finetune_{source}")
-    if source != "student":
-        opts = [*opts, f"finetune.source={source}"]
-    summary = ft_dir / "summary.json"
-    if report and not summary.exists():
-        return {}
-    if not summary.exists():
-        if ft_dir.exists():
-            shutil.rmtree(ft_dir)
-        cmd = [sys.executable, str(REPO / "main_finetune.py"), "--config", config, "--finetune",
-               str(run_dir / "ckpt-last.pth"), "--run_dir", str(ft_dir), "log.progress_bar=false",
-               "log.tensorboard=false", *opts]
-        _run(cmd, ft_dir, "fine-tuning")
-    return json.loads(summary.read_text())
-
-
 def mean_std(xs: list[float]) -> str:
     """``"mean ± std"`` (sample std, ddof=1: :func:`tools.stats.mean_std`), or ``n/a`` for no values."""
     from tools.stats import mean_std as _mean_std
@@ -173,7 +109,7 @@ def mean_std(xs: list[float]) -> str:
     return f"{m:.2f} ± {sd:.2f}"
 
 
-def arm_overrides(arm: str, args, common: list[str], teacher: Path, epochs: int) -> list[str]:
+def arm_overrides(arm: str, args, common: list[str], teacher: Path | str, epochs: int) -> list[str]:
     """The overrides of one arm (on top of ``common``)."""
     gm3d = ["model.NAME=Point_MAE_GM3D", "model.transformer_config.mask_type=gm3d", *args.gm3d]
     opts = [*gm3d, "model.gm3d.variant=C", f"model.gm3d.teacher_ckpt={teacher}", *GM3D_OPTIONS,
@@ -188,17 +124,6 @@ def arm_overrides(arm: str, args, common: list[str], teacher: Path, epochs: int)
         "gm3d_position": [*common, *opts, "model.gm3d.gc_scorer=position"],
         "gm3d_oracle": [*common, *opts, "model.gm3d.gc_scorer=oracle"],
     }[arm]
-
-
-def schedule(tasks: list[tuple[str, list[str], Callable[..., Any]]], jobs: int) -> dict[str, Any]:
-    """Run named tasks on ``jobs`` workers; a task's callable receives its dependencies' results.
-    Tasks must come after their dependencies (they are started in list order)."""
-    futures: dict[str, Future] = {}
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for name, deps, fn in tasks:
-            dep_futs = [futures[d] for d in deps]
-            futures[name] = pool.submit(lambda fn=fn, dep_futs=dep_futs: fn(*[f.result() for f in dep_futs]))
-    return {name: f.result() for name, f in futures.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,89 +172,144 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--finetune-source {item!r}: expected ARM=SOURCE with ARM one of {', '.join(ARMS)} and "
                     f"SOURCE one of student, ema, teacher")
         ft_source[arm] = src
-    arms = set(args.arms or [a for a in ARMS if a != "random_eqtime"])
-    if args.equal_time:
-        arms.add("random_eqtime")
     fixed = args.eqtime_epochs is not None
-    arms |= {d for a in arms for d in deps_of(a, fixed)}
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
     from utils.config import load_config
     cfg = load_config(args.config, args.opts)
     epochs = int(cfg.max_epoch)
-    threads = [o for o in args.opts if o.startswith("threads=")]
-
-    def pretrain(arm: str, seed: int) -> Callable[..., dict]:
-        def fn(*deps: dict) -> dict:
-            common = [f"seed={seed}", f"model.mask.count={args.count}", *args.opts]
-            if args.ema and arm not in ("gm3d_paper", "random_eqtime"):
-                common = [*common, *ema_overrides(epochs, *args.ema_decay)]
-            run_dir = out / f"{arm}_s{seed}"
-            if any(d is None for d in deps):  # --report: a dependency has not finished
-                return None
-            if arm == "random_eqtime":
-                if fixed:
-                    eq = args.eqtime_epochs
-                else:
-                    rand, opt = deps
-                    eq = max(epochs, round(epochs * opt["wall_s"] / rand["wall_s"]))
-                ema = ema_overrides(eq, *args.ema_decay) if args.ema else []  # the ramp: a quarter of this run
-                res = run_arm(args.config, run_dir, [*common, f"max_epoch={eq}", f"scheduler.kwargs.epochs={eq}",
-                                                     *ema], args.report or args.no_train)
-                return None if res is None else {**res, "epochs": eq}
-            res = run_arm(args.config, run_dir, arm_overrides(arm, args, common, out / f"random_s{seed}" /
-                                                              "ckpt-last.pth", epochs), args.report or args.no_train)
-            if res is None:
-                return None
-            if arm.startswith("gm3d"):
-                res["wall_s_with_teacher"] = res["wall_s"] + deps[0]["wall_s"]
-            return {**res, "epochs": epochs}
-        return fn
-
-    def evaluate(arm: str, seed: int) -> Callable[..., dict]:
-        def fn(res: dict | None) -> dict | None:
-            if res is None:
-                return None
-            run_dir = out / f"{arm}_s{seed}"
-            ev: dict[str, Any] = {}
-            if args.finetune and arm in (args.finetune_arms or [a for a in ARMS if a != "random_eqtime"]):
-                src = ft_source.get(arm, "student")
-                ft = finetune(run_dir, args.finetune, [f"seed={seed}", *threads, *args.finetune_opts], args.report,
-                              src)
-                ev["ft_last"], ev["ft_best"], ev["ft_source"] = ft.get("last_value"), ft.get("best_value"), src
-            ev["model_ema_svm"] = (res.get("last") or {}).get("ema_svm_acc")
-            ev["train_s"] = train_seconds(run_dir)
-            if args.ema_svm and arm.startswith("gm3d"):
-                cmd = [sys.executable, str(REPO / "tools/eval_svm.py"), "--config", str(run_dir / "config.yaml"),
-                       "--ckpt", str(run_dir / "ckpt-last.pth"), "--source", "teacher", "--json",
-                       str(run_dir / "ema_svm.json"), *threads]
-                ema = run_once(run_dir / "ema_svm.json", cmd, "EMA-teacher SVM", args.report)
-                ev["ema_svm"] = ema["svm_acc"] if ema else None
-            if args.probe and arm.startswith("gm3d"):
-                cmd = [sys.executable, str(REPO / "tools/gc_probe.py"), str(run_dir / "ckpt-last.pth"),
-                       "--diagnostics", "--limit", str(args.probe_limit), "--json", str(run_dir / "probe.json")]
-                ev["probe"] = run_once(run_dir / "probe.json", cmd, "GC probe", args.report)
-            return {**res, **ev}
-        return fn
-
-    tasks: list[tuple[str, list[str], Callable[..., Any]]] = []
-    order = [a for a in ARMS if a in arms]
-    for arm in order:  # pre-training first (dependencies before their users), then the evaluations
-        for seed in args.seeds:
-            tasks.append((f"{arm}_s{seed}", [f"{d}_s{seed}" for d in deps_of(arm, fixed)], pretrain(arm, seed)))
-    for arm in order:
-        for seed in args.seeds:
-            tasks.append((f"eval_{arm}_s{seed}", [f"{arm}_s{seed}"], evaluate(arm, seed)))
-    done = schedule(tasks, args.jobs)
-    results = {arm: [r for r in (done[f"eval_{arm}_s{s}"] for s in args.seeds) if r is not None] for arm in order}
-    results = {arm: rs for arm, rs in results.items() if rs}
+    jobs = build_jobs(args, out, epochs, ft_source, fixed)
+    graph = Graph(jobs, out)
+    if not args.report:
+        only = (lambda name: graph.jobs[name].meta.get("step") != "pretrain") if args.no_train else None
+        graph.run(LocalExecutor(slots=args.jobs), on_event=_print_event, only=only)
+    status = graph.status()
+    results = collect(graph, status, args, epochs)
+    failed = [s for s in status.values() if s.state == "failed"]
     (out / "compare.json").write_text(json.dumps({"config": args.config, "opts": args.opts, "seeds": args.seeds,
                                                   "count": args.count, "results": results}, indent=1, default=str))
     table = format_table(results, args, cfg)
+    if failed:
+        table += "\n\nFailed runs (log tails in their job.log):\n" + "\n".join(
+            f"- {s.name} ({s.folder}): {s.error}" for s in failed)
     (out / "compare.md").write_text(table + "\n")
     print(table)
-    return 0
+    return 1 if failed else 0
+
+
+LOG_OPTS = ["log.progress_bar=false", "log.tensorboard=false"]
+
+
+def _print_event(what: str, st) -> None:
+    if what == "start":
+        print(f"start  {st.name}", flush=True)
+    elif what == "done":
+        print(f"done   {st.name} ({st.wall_s or 0:.0f} s)", flush=True)
+    else:
+        print(f"FAILED {st.name}: {st.error} (log: {st.folder}/job.log)", flush=True)
+
+
+def _eqtime_prepare(epochs: int, seed: int, ema: list[float] | None):
+    """``random_eqtime``'s length from the wall-clocks of the same seed's ``random`` and ``gm3d_opts`` runs."""
+    def prepare(deps: Mapping[str, Any]) -> list[str]:
+        rand, opt = deps[f"random_s{seed}"], deps[f"gm3d_opts_s{seed}"]
+        eq = max(epochs, round(epochs * opt.wall_s / rand.wall_s))
+        return [f"max_epoch={eq}", f"scheduler.kwargs.epochs={eq}", *(ema_overrides(eq, *ema) if ema else [])]
+    return prepare
+
+
+def build_jobs(args, out: Path, epochs: int, ft_source: dict[str, str], fixed: bool) -> list[Job]:
+    """The experiment as runner jobs: per arm and seed a pre-training in ``<out>/<arm>_s<seed>``, and the
+    evaluations asked for in sub-folders of it (``finetune[_SOURCE]``, ``ema_svm``, ``probe``)."""
+    arms = set(args.arms or [a for a in ARMS if a != "random_eqtime"])
+    if args.equal_time:
+        arms.add("random_eqtime")
+    arms |= {d for a in arms for d in deps_of(a, fixed)}
+    threads = [o for o in args.opts if o.startswith("threads=")]
+    jobs: list[Job] = []
+    for arm in [a for a in ARMS if a in arms]:
+        for seed in args.seeds:
+            name = f"{arm}_s{seed}"
+            common = [f"seed={seed}", f"model.mask.count={args.count}", *args.opts]
+            if args.ema and arm not in ("gm3d_paper", "random_eqtime"):
+                common = [*common, *ema_overrides(epochs, *args.ema_decay)]
+            meta = {"arm": arm, "seed": seed, "step": "pretrain"}
+            if arm == "random_eqtime":
+                ema = list(args.ema_decay) if args.ema else None
+                if fixed:
+                    eq = args.eqtime_epochs
+                    opts = [*common, f"max_epoch={eq}", f"scheduler.kwargs.epochs={eq}",
+                            *(ema_overrides(eq, *ema) if ema else [])]
+                    job = Job(name, "main_pretrain.py", args.config, opts=[*LOG_OPTS, *opts], run_dir=str(out / name),
+                              meta={**meta, "epochs": eq})
+                else:
+                    job = Job(name, "main_pretrain.py", args.config, opts=[*LOG_OPTS, *common], run_dir=str(out / name),
+                              after=[f"random_s{seed}", f"gm3d_opts_s{seed}"], meta=meta,
+                              prepare=_eqtime_prepare(epochs, seed, ema))
+            else:
+                opts = arm_overrides(arm, args, common, f"{{run:random_s{seed}}}/ckpt-last.pth", epochs)
+                job = Job(name, "main_pretrain.py", args.config, opts=[*LOG_OPTS, *opts], run_dir=str(out / name),
+                          meta={**meta, "epochs": epochs})
+            jobs.append(job)
+            run = f"{{run:{name}}}"
+            if args.finetune and arm in (args.finetune_arms or [a for a in ARMS if a != "random_eqtime"]):
+                src = ft_source.get(arm, "student")
+                opts = [f"seed={seed}", *threads, *args.finetune_opts, *([f"finetune.source={src}"] if src != "student"
+                                                                          else [])]
+                jobs.append(Job(f"{name}/finetune", "main_finetune.py", args.finetune,
+                                args=["--finetune", f"{run}/ckpt-last.pth"], opts=[*LOG_OPTS, *opts],
+                                run_dir=str(out / name / ("finetune" if src == "student" else f"finetune_{src}")),
+                                meta={"arm": arm, "seed": seed, "step": "finetune", "source": src}))
+            if args.ema_svm and arm.startswith("gm3d"):
+                jobs.append(Job(f"{name}/ema_svm", "tools/eval_svm.py", f"{run}/config.yaml",
+                                args=["--ckpt", f"{run}/ckpt-last.pth", "--source", "teacher"],
+                                folder_args=["--json", "{self}/svm.json"], opts=threads, result="svm.json",
+                                resume_from=None, run_dir=str(out / name / "ema_svm"),
+                                meta={"arm": arm, "seed": seed, "step": "ema_svm"}))
+            if args.probe and arm.startswith("gm3d"):
+                jobs.append(Job(f"{name}/probe", "tools/gc_probe.py", None,
+                                args=[f"{run}/ckpt-last.pth", "--diagnostics", "--limit", str(args.probe_limit)],
+                                folder_args=["--json", "{self}/probe.json"], result="probe.json", resume_from=None,
+                                run_dir=str(out / name / "probe"), meta={"arm": arm, "seed": seed, "step": "probe"}))
+    return jobs
+
+
+def _epochs_of(status) -> int | None:
+    from tools.launch.jobs import read_state
+
+    cmd = (read_state(status.folder) or {}).get("cmd") or []
+    found = [int(c.split("=", 1)[1]) for c in cmd if c.startswith("max_epoch=")]
+    return found[-1] if found else None
+
+
+def collect(graph: Graph, status: dict, args, epochs: int) -> dict[str, list[dict]]:
+    """Per arm, one record per finished seed: the pre-training summary, its wall-clock and the evaluations."""
+    results: dict[str, list[dict]] = {}
+    for name in graph.order:
+        job = graph.jobs[name]
+        if job.meta.get("step") != "pretrain" or status[name].state != "done":
+            continue
+        arm, seed = job.meta["arm"], job.meta["seed"]
+        st = status[name]
+        res: dict[str, Any] = {**(st.result or {}), "wall_s": st.wall_s, "opts": job.opts,
+                               "epochs": _epochs_of(st) or epochs}
+        if arm.startswith("gm3d") and status.get(f"random_s{seed}") and status[f"random_s{seed}"].wall_s:
+            res["wall_s_with_teacher"] = st.wall_s + status[f"random_s{seed}"].wall_s
+        ft = status.get(f"{name}/finetune")
+        if ft is not None and ft.state == "done":
+            res.update(ft_last=ft.result.get("last_value"), ft_best=ft.result.get("best_value"),
+                       ft_source=graph.jobs[f"{name}/finetune"].meta["source"])
+        res["model_ema_svm"] = (res.get("last") or {}).get("ema_svm_acc")
+        res["train_s"] = train_seconds(st.folder)
+        ema = status.get(f"{name}/ema_svm")
+        if ema is not None:
+            res["ema_svm"] = ema.result["svm_acc"] if ema.state == "done" else None
+        probe = status.get(f"{name}/probe")
+        if probe is not None:
+            res["probe"] = probe.result if probe.state == "done" else None
+        results.setdefault(arm, []).append(res)
+    return {arm: results[arm] for arm in ARMS if arm in results}
 
 
 def _probe_value(r: dict, key: str) -> float | None:

@@ -100,29 +100,31 @@ class Graph:
         return order
 
     def _resolve(self, statuses: Mapping[str, JobStatus]) -> None:
-        """Compute the identities that can be computed now (a ``prepare`` job's needs its dependencies done)."""
+        """Compute every identity that can be computed now."""
         for name in self.order:
-            if name in self._ids or name in self._errors:
-                continue
-            job = self.jobs[name]
-            deps = job.deps()
-            if any(d in self._errors for d in deps):
-                continue
-            if not all(d in self._ids for d in deps):
-                continue
-            extra: list[str] = []
-            if job.prepare is not None:
-                dep_status = {d: statuses.get(d) for d in deps}
-                if not all(s is not None and s.state == "done" for s in dep_status.values()):
-                    continue
-                extra = list(job.prepare(dep_status))
-            try:
-                ident = job_identity(job, {d: self._ids[d] for d in deps}, extra)
-            except ConfigError as e:
-                self._errors[name] = str(e)
-                continue
-            self._ids[name], self._extra[name] = ident, extra
-            self._canon.setdefault(ident, name)
+            self._resolve_one(name, statuses)
+
+    def _resolve_one(self, name: str, statuses: Mapping[str, JobStatus]) -> None:
+        """``name``'s identity once its dependencies' are known (and, for a ``prepare`` job, once they are done)."""
+        if name in self._ids or name in self._errors:
+            return
+        job = self.jobs[name]
+        deps = job.deps()
+        if any(d in self._errors for d in deps) or not all(d in self._ids for d in deps):
+            return
+        extra: list[str] = []
+        if job.prepare is not None:
+            dep_status = {d: statuses.get(d) for d in deps}
+            if not all(s is not None and s.state == "done" for s in dep_status.values()):
+                return
+            extra = list(job.prepare(dep_status))
+        try:
+            ident = job_identity(job, {d: self._ids[d] for d in deps}, extra)
+        except ConfigError as e:
+            self._errors[name] = str(e)
+            return
+        self._ids[name], self._extra[name] = ident, extra
+        self._canon.setdefault(ident, name)
 
     def canonical(self, name: str) -> str:
         """The name whose folder ``name`` shares (itself unless an earlier job has the same identity)."""
@@ -145,7 +147,7 @@ class Graph:
         folder = self.folder(name)
         job = self.jobs[name]
         folders = {d: self.folder(d) for d in job.deps()}
-        if folder is None or any(f is None for f in folders.values()):
+        if folder is None or name not in self._ids or any(f is None for f in folders.values()):
             return None
         return job_command(job, folders, folder, self._extra.get(name, []), self.python)
 
@@ -172,7 +174,8 @@ class Graph:
     def status(self) -> dict[str, JobStatus]:
         """Every job's status, read from the folders (every alias gets its canonical job's status)."""
         out: dict[str, JobStatus] = {}
-        for name in self.order:
+        for name in self.order:  # dependencies first: a prepare job's identity follows their statuses
+            self._resolve_one(name, out)
             job = self.jobs[name]
             deps = [self.canonical(d) for d in job.deps()]
             if name in self._errors:
@@ -184,7 +187,7 @@ class Graph:
                 continue
             bad = [d for d in deps if d in out and out[d].state in ("failed", "blocked")]
             folder = self.folder(name)
-            if folder is None:
+            if folder is None or name not in self._ids:  # its identity waits on its dependencies
                 state = "blocked" if bad else "pending"
                 out[name] = JobStatus(name, state, deps=deps,
                                       error=f"dependency {bad[0]} {out[bad[0]].state}" if bad else None)
@@ -217,7 +220,8 @@ class Graph:
                 "result": job.result, "env": dict(env or {}), "meta": dict(job.meta)}
 
     def run(self, executor: Any, poll_s: float = 0.5, on_event: Callable[[str, JobStatus], None] | None = None,
-            on_tick: Callable[[dict[str, JobStatus]], None] | None = None) -> dict[str, JobStatus]:
+            on_tick: Callable[[dict[str, JobStatus]], None] | None = None,
+            only: Callable[[str], bool] | None = None) -> dict[str, JobStatus]:
         """Run what is not done, in dependency order, until nothing more can run; returns :meth:`status`.
 
         A pending or killed (``partial``) job starts when its dependencies are done and the executor has
@@ -226,7 +230,8 @@ class Graph:
         ``executor`` offers ``capacity(job) -> bool``, ``reserve(job)`` and ``submit(graph, [names]) ->
         {name: handle}`` (a handle has ``done()`` and ``result()``). ``on_event(what, status)`` hears every
         start (``"start"``), success (``"done"``) and failure (``"failed"``); ``on_tick(statuses)`` follows
-        every finished job (the CLI rewrites its table there).
+        every finished job (the CLI rewrites its table there). ``only(name)``: start only the jobs it
+        accepts (the others are used when done, waited for when running elsewhere, and never started).
         """
         active: dict[str, Any] = {}
         tried: set[str] = set()
@@ -234,10 +239,11 @@ class Graph:
         def eligible(name: str, st: JobStatus) -> bool:
             if self.canonical(name) != name or name in active or name in self._errors:
                 return False
+            if only is not None and not only(name):
+                return False
             return st.state in ("pending", "partial") or (st.state == "failed" and name not in tried)
 
         while True:
-            self._resolve(self.status())
             statuses = self.status()
             ready = []
             for name in self.order:
@@ -272,7 +278,6 @@ class Graph:
             if finished and on_tick:
                 on_tick(self.status())
             if not active:
-                self._resolve(self.status())
                 statuses = self.status()
                 canon = [n for n in self.order if self.canonical(n) == n]
                 elsewhere = any(statuses[n].state == "running" for n in canon)
