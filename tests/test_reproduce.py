@@ -232,9 +232,12 @@ def test_paper_dry_run_slurm_plan_and_missing_data(tmp_path):
     --dry-run still prints the plan, with the sbatch lines of --executor slurm and the total."""
     args = ["tools/reproduce.py", "--study", str(STUDY), "--scale", "paper", "--rows", "point_mae_gm3d",
             "--columns", "svm_c001", "--out", str(tmp_path / "o")]
-    r = run_cli([*args, "--dry-run", "--executor", "slurm", "--partition", "gpu", "--sbatch", "qos=high"])
+    r = run_cli([*args, "--dry-run", "--executor", "slurm", "--partition", "gpu", "--sbatch", "qos=high",
+                 "--pretrain-gpus", "2"])
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("#SBATCH --partition=gpu") == 3 and "#SBATCH --qos=high" in r.stdout
+    # the two pre-trainings (the GM3D row's and its teacher's) on 2 GPUs each, the SVM job on 1
+    assert r.stdout.count("#SBATCH --gpus-per-node=2") == 2 and r.stdout.count("#SBATCH --gpus-per-node=1") == 1
     assert "point_mae_gm3d/s0/pretrain" in r.stdout and "after: point_mae/s0/pretrain" in r.stdout
     assert "total estimated device time" in r.stdout
     if not (REPO / "data/ShapeNet55-34/ShapeNet-55").exists():

@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--columns", nargs="+", default=None, help="columns to run (default: all)")
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
     p.add_argument("--slots", type=int, default=None, help="local: jobs at a time (default: one per GPU, else 1)")
+    p.add_argument("--pretrain-gpus", type=int, default=None, metavar="N",
+                   help="GPUs of each pre-training job (local: torchrun --nproc_per_node N, data-parallel; slurm: "
+                        "N GPUs per pre-training job); default one, or --gpus-per-job")
     p.add_argument("--out", default=None, help="study folder (default experiments/reproduce/<study stem>/)")
     p.add_argument("--dry-run", action="store_true", help="print every job, its dependencies and estimated "
                    "device time, and the total; run nothing")
@@ -180,7 +183,7 @@ def _main(args: argparse.Namespace) -> int:
     out = out.resolve()
     opts = slurm_options(args, study.slurm)
     gpus = opts["gpus_per_job"] if args.executor == "slurm" else 1
-    jobs = expand(study, args.scale, seeds, args.rows, args.columns, gpus=gpus)
+    jobs = expand(study, args.scale, seeds, args.rows, args.columns, gpus=gpus, pretrain_gpus=args.pretrain_gpus)
     if study.scales[args.scale].get("check_data", False) and not args.status:
         missing = missing_data(jobs)
         for line in missing:

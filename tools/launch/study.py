@@ -267,8 +267,9 @@ def _config_path(study: Study, key: str, value: Any) -> str:
 
 
 def expand(study: Study, scale: str, seeds: list[int] | None = None, rows: list[str] | None = None,
-           columns: list[str] | None = None, gpus: int = 1, cpus: int = 1) -> list:
-    """The jobs of a selection, pre-trainings first. Unknown scale / row / column, a missing config or a
+           columns: list[str] | None = None, gpus: int = 1, cpus: int = 1, pretrain_gpus: int | None = None) -> list:
+    """The jobs of a selection, pre-trainings first (each on ``pretrain_gpus`` GPUs, default ``gpus``: the
+    local executor runs a job on several GPUs through torchrun). Unknown scale / row / column, a missing config or a
     column without a config for a row's backbone: ConfigError naming the study file and key. A config
     given as null (``configs.BACKBONE.SCALE: null``) means no such job: the table shows the cell as n/a."""
     from tools.launch.jobs import Job
@@ -298,7 +299,7 @@ def expand(study: Study, scale: str, seeds: list[int] | None = None, rows: list[
                          opts=_fill(_strings(study.path, f"{key}.opts", spec.get("opts")), seed, None, teacher)
                          + scale_opts,
                          folder_args=["--run_dir", "{self}"], result="summary.json", resume_from="ckpt-last.pth",
-                         resume=["--resume"], gpus=gpus, cpus=cpus, est_s=est,
+                         resume=["--resume"], gpus=pretrain_gpus or gpus, cpus=cpus, est_s=est,
                          meta={"row": r, "column": "pretrain", "seed": seed, "scale": scale})
         return name
 

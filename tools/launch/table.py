@@ -175,9 +175,11 @@ def _cell_state(states: dict[str, str], values: dict[str, list[float]]) -> str:
 
 
 def format_cell(entry: dict[str, Any]) -> str:
-    """``63.12 ± 1.20 (n=2)``; a cell with missing seeds says so; one without values gives its state."""
+    """``63.12 ± 1.20 (n=2)`` (one value: ``63.12 (n=1)``, no std); a cell with missing seeds says so; one
+    without values gives its state."""
     if "mean" in entry:
-        text = f"{entry['mean']:.2f} ± {entry['std']:.2f} (n={entry['n']})"
+        spread = f" ± {entry['std']:.2f}" if entry["n"] > 1 else ""
+        text = f"{entry['mean']:.2f}{spread} (n={entry['n']})"
         missing = entry["seeds"] - entry["seeds_done"]
         if missing:
             text += f", {missing} of {entry['seeds']} seeds {_missing_word(entry)}"
