@@ -24,11 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python tools/reproduce.py` from anywhere (the entry points sit at the top)
-    sys.path.insert(0, str(REPO))
+from utils.errors import ConfigError, DataError
 
-from utils.errors import ConfigError, DataError  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("reproduce")
 
