@@ -10,7 +10,6 @@ only start what it hands them.
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -232,7 +231,3 @@ class _Tracked:
             if not self._collected:
                 self._collected = True
                 self.owner._outstanding -= 1
-
-
-def shell_line(cmd: Sequence[str]) -> str:
-    return shlex.join(str(c) for c in cmd)

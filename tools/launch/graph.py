@@ -258,7 +258,7 @@ class Graph:
                     active[name] = handle
                     if on_event:
                         on_event("start", statuses[name])
-            finished = False
+            finished = []
             for name in list(active):
                 handle = active[name]
                 if not handle.done():
@@ -269,14 +269,15 @@ class Graph:
                 except Exception as e:  # the executor itself failed (submitit, a lost node): record it
                     outcome = {"state": "failed"}
                     _record_failure(self.folder(name), self._ids[name], name, f"{type(e).__name__}: {e}")
-                if outcome.get("state") == "busy":  # another launcher took it first: wait for that one
-                    continue
-                finished = True
-                if on_event:
-                    st = self.status()[name]
-                    on_event("done" if st.state == "done" else "failed", st)
-            if finished and on_tick:
-                on_tick(self.status())
+                if outcome.get("state") != "busy":  # busy: another launcher took it first; wait for that one
+                    finished.append(name)
+            if finished and (on_event or on_tick):
+                statuses = self.status()  # read once for every job that finished in this round
+                for name in finished:
+                    if on_event:
+                        on_event("done" if statuses[name].state == "done" else "failed", statuses[name])
+                if on_tick:
+                    on_tick(statuses)
             if not active:
                 statuses = self.status()
                 canon = [n for n in self.order if self.canonical(n) == n]
@@ -299,12 +300,12 @@ def _record_failure(folder: Path | None, identity: str | None, name: str, text: 
     """Write a failed ``job.json`` for a job whose executor failed before the job could record anything."""
     if folder is None:
         return
-    from tools.launch.jobs import _write_state, read_state
+    from tools.launch.jobs import read_state, write_state
 
     folder.mkdir(parents=True, exist_ok=True)
     old = read_state(folder) or {}
     if old.get("state") in ("done", "failed") and old.get("identity") == identity:
         return
-    _write_state(folder, {**old, "name": name, "identity": identity, "state": "failed",
+    write_state(folder, {**old, "name": name, "identity": identity, "state": "failed",
                           "attempts": int(old.get("attempts", 0)) + 1,
                           "error": text.strip().splitlines()[-1] if text.strip() else "executor failed"})

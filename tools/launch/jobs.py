@@ -46,9 +46,8 @@ SELF = "{self}"
 STATE_FILE = "job.json"
 LOG_FILE = "job.log"
 JOB_LOCK = ".job.lock"
-STATES = ("done", "running", "partial", "failed", "blocked", "pending")
 
-__all__ = ["Job", "job_identity", "job_command", "run_job", "folder_state", "read_state", "log_tail", "REPO"]
+__all__ = ["Job", "job_identity", "job_command", "run_job", "folder_state", "read_state", "write_state", "log_tail", "REPO"]
 
 
 @dataclass
@@ -161,7 +160,7 @@ def read_state(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_state(folder: Path, state: Mapping[str, Any]) -> None:
+def write_state(folder: Path, state: Mapping[str, Any]) -> None:
     text = json.dumps(state, indent=1, default=str) + "\n"
     atomic_write(Path(folder) / STATE_FILE, lambda f: f.write(text), binary=False)
 
@@ -246,7 +245,7 @@ def run_job(payload: Mapping[str, Any]) -> dict[str, Any]:
                 "cmd": cmd, "result": payload["result"], "attempts": int(old.get("attempts", 0)) + 1,
                 "resumed": resumed, "host": socket.gethostname(), "env": dict(payload.get("env") or {})}
         spent = float(old.get("wall_s") or 0.0)
-        _write_state(folder, {**base, "state": "running", "pid": os.getpid(), "wall_s": spent,
+        write_state(folder, {**base, "state": "running", "pid": os.getpid(), "wall_s": spent,
                               "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         env = {**os.environ, **(payload.get("env") or {})}
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
@@ -262,7 +261,7 @@ def run_job(payload: Mapping[str, Any]) -> dict[str, Any]:
         final = {**base, "state": "done" if ok else "failed", "rc": rc, "wall_s": spent + wall,
                  "last_wall_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "error": None if ok else _error_line(folder, rc, payload["result"])}
-        _write_state(folder, final)
+        write_state(folder, final)
         return final
     finally:
         release_run_folder(folder, JOB_LOCK)
