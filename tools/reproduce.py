@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -62,14 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from utils.misc import cpu_name
+
+    cpu = cpu_name()
     load = "n/a"
     try:
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
