@@ -29,6 +29,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tools.tasks.stats import mean_std
+
 __all__ = ["build_table", "write_table", "render_markdown", "CELL_LABELS", "HEADLINES"]
 
 CELL_LABELS = {
@@ -45,15 +47,6 @@ CELL_LABELS = {
 #: Headline cells (one figure panel each) and the cell of the paper's number that belongs beside them.
 HEADLINES = {"acc": "acc", "last": "best", "vote_mean": "vote_max", "miou_c_last": "miou_c_best",
              "miou_i_last": "miou_i_best"}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std (ddof=1; 0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
 def _num(x: Any) -> float | None:
